@@ -1,0 +1,50 @@
+"""``archbench list blocks|tasks|evaluators [PATTERN]``: what is registered, with one line each."""
+
+from __future__ import annotations
+
+from archbench.errors import unknown
+
+NAME = "list"
+HELP = "list registered blocks, tasks or evaluators (wildcards allowed: 'residual*')"
+
+
+def add_arguments(p):
+    p.add_argument("kind", help="blocks, tasks or evaluators")
+    p.add_argument("pattern", nargs="?", default="*", help="wildcard filter on names")
+    p.add_argument("-v", "--verbose", action="store_true", help="also show each entry's knobs and defaults")
+
+
+def run(args) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from archbench.registry import REGISTRIES
+
+    kind = args.kind if args.kind.endswith("s") else args.kind + "s"
+    if kind not in REGISTRIES:
+        raise unknown("registry", args.kind, REGISTRIES)
+    entries = REGISTRIES[kind].entries(args.pattern)
+    console = Console(highlight=False)
+    if not entries:
+        console.print(f"no {kind} match {args.pattern!r}")
+        return 1
+    table = Table(box=None, pad_edge=False)
+    table.add_column(kind[:-1], style="bold")
+    table.add_column("family")
+    table.add_column("description")
+    if args.verbose:
+        table.add_column("knobs (default, range)")
+    for e in entries:
+        row = [e.name, e.family, e.description + (f"\n[dim]{e.citation}[/]" if e.citation and args.verbose else "")]
+        if args.verbose:
+            row.append("\n".join(_knob_line(k) for k in e.knobs.values()))
+        table.add_row(*row)
+    console.print(table)
+    return 0
+
+
+def _knob_line(k) -> str:
+    rng = ""
+    if k.range:
+        rng = f" [{k.range.low:g}, {k.range.high:g}{', log' if k.range.log else ''}]"
+    return f"{k.name}: {k.describe_type()} = {k.default!r}{rng}"

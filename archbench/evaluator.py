@@ -1,0 +1,31 @@
+"""What an evaluator is.
+
+Two kinds, registered with ``@archbench.register_evaluator("name")``:
+
+- ``kind = "model"``: ``evaluate_model(model, task) -> dict`` on one trained model (runs after
+  training; results are stored in the run record, so cached runs are not re-evaluated).
+- ``kind = "sweep"``: ``evaluate_sweep(runs, task) -> dict`` across the run records of a sweep
+  (e.g. the alpha_ell fit over depths).
+
+Results are plain JSON-ready numbers. ``plot(result, runs, path)`` may draw a PNG figure.
+Knobs are ``__init__`` keyword arguments, set with ``--set NAME.knob=value``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import ClassVar
+
+
+class Evaluator:
+    kind: ClassVar[str] = "model"
+
+    def evaluate_model(self, model, task) -> dict:
+        raise NotImplementedError
+
+    def evaluate_sweep(self, runs: list[dict], task) -> dict:
+        raise NotImplementedError
+
+    def plot(self, result: dict, runs: list[dict], path: Path) -> bool:
+        """Draw this evaluator's figure to ``path``; return False if it has none."""
+        return False

@@ -1,0 +1,131 @@
+"""Knobs: the typed, defaulted keyword arguments of a block, task, evaluator or config.
+
+One mechanism serves every configurable thing in archbench: a knob is a keyword
+parameter of a class's ``__init__`` (dataclasses included) that has a default.
+Its annotation gives the type that ``--set section.name=value`` is parsed into,
+and optionally a range that a search may sample::
+
+    def __init__(self, dim, layer_idx, depth, *, mlp_ratio: Annotated[int, Range(1, 8)] = 4): ...
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import math
+import types
+import typing
+from typing import Any, Literal, get_args, get_origin
+
+from archbench.errors import UsageError, unknown
+
+# Constructor arguments that archbench supplies itself; never knobs.
+RESERVED = {"self", "dim", "layer_idx", "depth", "device", "seed"}
+
+
+@dataclasses.dataclass(frozen=True)
+class Range:
+    """Sampling range of a numeric knob; ``log`` for scale parameters such as lr."""
+
+    low: float
+    high: float
+    log: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class Knob:
+    name: str
+    type: Any  # int, float, bool, str, a Literal[...], or Optional of those
+    default: Any
+    range: Range | None = None
+
+    @property
+    def choices(self) -> tuple | None:
+        base = _strip_optional(self.type)
+        return get_args(base) if get_origin(base) is Literal else None
+
+    def describe_type(self) -> str:
+        if self.choices:
+            return "|".join(str(c) for c in self.choices)
+        base = _strip_optional(self.type)
+        name = getattr(base, "__name__", str(base))
+        return name + ("|None" if _is_optional(self.type) else "")
+
+    def parse(self, text: Any, owner: str) -> Any:
+        """Parse a command-line string into this knob's type (values already typed pass through)."""
+        where = f"{owner}.{self.name}"
+        if not isinstance(text, str):
+            return text
+        if _is_optional(self.type) and text.lower() in ("none", "null"):
+            return None
+        base = _strip_optional(self.type)
+        if self.choices:
+            for c in self.choices:
+                if str(c) == text:
+                    return c
+            raise unknown(f"value for {where}", text, [str(c) for c in self.choices])
+        try:
+            if base is bool:
+                low = text.lower()
+                if low in ("1", "true", "yes", "on"):
+                    return True
+                if low in ("0", "false", "no", "off"):
+                    return False
+                raise ValueError
+            if base is int:
+                value = float(text)
+                if not value.is_integer():
+                    raise ValueError
+                return int(value)
+            if base is float:
+                value = float(text)
+                if math.isnan(value):
+                    raise ValueError
+                return value
+        except ValueError:
+            raise UsageError(f"{where}={text!r} is not a valid {self.describe_type()}") from None
+        return text
+
+
+def _is_optional(tp: Any) -> bool:
+    return get_origin(tp) in (typing.Union, types.UnionType) and type(None) in get_args(tp)
+
+
+def _strip_optional(tp: Any) -> Any:
+    if get_origin(tp) is typing.Annotated:
+        tp = get_args(tp)[0]
+    if _is_optional(tp):
+        rest = [a for a in get_args(tp) if a is not type(None)]
+        tp = rest[0] if len(rest) == 1 else typing.Union[tuple(rest)]
+    return tp
+
+
+def knobs_of(obj: Any) -> dict[str, Knob]:
+    """The knobs of a class or callable, in declaration order."""
+    target = obj.__init__ if inspect.isclass(obj) else obj
+    try:
+        hints = typing.get_type_hints(target, include_extras=True)
+    except Exception:  # unresolvable annotations in a user's file: fall back to the defaults' types
+        hints = {}
+    out: dict[str, Knob] = {}
+    for p in inspect.signature(target).parameters.values():
+        if p.name in RESERVED or p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) or p.default is p.empty:
+            continue
+        tp = hints.get(p.name, type(p.default) if p.default is not None else str)
+        rng = None
+        if get_origin(tp) is typing.Annotated:
+            rng = next((m for m in get_args(tp)[1:] if isinstance(m, Range)), None)
+            tp = get_args(tp)[0]
+        out[p.name] = Knob(p.name, tp, p.default, rng)
+    return out
+
+
+def resolve(obj: Any, owner: str, overrides: dict[str, Any]) -> dict[str, Any]:
+    """Defaults of ``obj``'s knobs updated by ``overrides`` (parsed, checked against the names)."""
+    knobs = knobs_of(obj)
+    values = {k.name: k.default for k in knobs.values()}
+    for name, raw in overrides.items():
+        if name not in knobs:
+            raise unknown(f"setting for {owner}", f"{owner}.{name}", [f"{owner}.{k}" for k in knobs])
+        values[name] = knobs[name].parse(raw, owner)
+    return values

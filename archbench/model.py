@@ -1,0 +1,189 @@
+"""The residual-stream protocol.
+
+Every model archbench trains or analyses is seen the same way::
+
+    input -> embed -> h_0 -> [effective layer 1] -> h_1 -> ... -> [effective layer L] -> h_L -> readout
+
+An effective layer maps the stream state (batch, seq, dim) to the new state of the same
+shape. ``StreamModel.forward`` takes an ``intervene(l, h_in, h_out) -> h_out`` callback through
+which evaluators record states, skip a layer (return ``h_in``) or patch one, without knowing
+the block's family. Blocks expose sublayer outputs through named ``Tap`` modules.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from archbench.errors import ArchbenchError
+
+Intervene = Callable[[int, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+class Tap(nn.Identity):
+    """A named observation point inside a block, e.g. ``self.attn_out = Tap()`` then
+    ``a = self.attn_out(self.attn(...))``. Forward hooks on taps read (or replace) sublayer outputs."""
+
+
+@dataclasses.dataclass(frozen=True)
+class InputSpec:
+    """What a task feeds the model: vectors (batch, size) or token ids (batch, seq_len)."""
+
+    kind: str  # "vector" or "tokens"
+    size: int  # vector dimension or vocabulary size
+    out_dim: int  # readout size (vocabulary of the prediction)
+    seq_len: int = 1
+
+
+class VectorEmbed(nn.Module):
+    """h_0 = rmsnorm(x) (no learnable weight), with a linear map first if the width differs."""
+
+    def __init__(self, in_dim: int, width: int):
+        super().__init__()
+        self.proj = nn.Linear(in_dim, width, bias=False) if in_dim != width else nn.Identity()
+
+    def forward(self, x):  # (B, in_dim) -> (B, 1, width)
+        h = self.proj(x)
+        return F.rms_norm(h, (h.shape[-1],)).unsqueeze(1)
+
+
+class TokenEmbed(nn.Module):
+    """Token plus learned absolute position embeddings."""
+
+    def __init__(self, vocab: int, width: int, seq_len: int):
+        super().__init__()
+        self.tok = nn.Embedding(vocab, width)
+        self.pos = nn.Embedding(seq_len, width)
+        nn.init.normal_(self.tok.weight, std=0.02)
+        nn.init.normal_(self.pos.weight, std=0.02)
+
+    def forward(self, idx):  # (B, T) -> (B, T, width)
+        return self.tok(idx) + self.pos(torch.arange(idx.shape[1], device=idx.device))
+
+
+class Readout(nn.Module):
+    """logits = W_head · rmsnorm(h_L); zero-initialised by default so training starts from uniform."""
+
+    def __init__(self, width: int, out_dim: int, zero_init: bool = True):
+        super().__init__()
+        self.head = nn.Linear(width, out_dim, bias=False)
+        if zero_init:
+            nn.init.zeros_(self.head.weight)
+
+    def forward(self, h):
+        return self.head(F.rms_norm(h, (h.shape[-1],)))
+
+
+class StreamModel(nn.Module):
+    """embed -> effective layers -> readout.
+
+    ``layers`` holds the distinct modules; ``schedule`` lists which one runs at each effective
+    layer (default: each once, in order), so weight-tied and recurrent stacks are the same type.
+    """
+
+    def __init__(self, embed: nn.Module, layers: Sequence[nn.Module], readout: nn.Module,
+                 schedule: Sequence[int] | None = None):
+        super().__init__()
+        self.embed, self.readout = embed, readout
+        self.layers = nn.ModuleList(layers)
+        self.schedule = list(range(len(self.layers)) if schedule is None else schedule)
+
+    def effective_layers(self) -> list[nn.Module]:
+        return [self.layers[i] for i in self.schedule]
+
+    @property
+    def effective_depth(self) -> int:
+        return len(self.schedule)
+
+    def forward(self, x, intervene: Intervene | None = None):
+        h = self.embed(x)
+        for l, layer in enumerate(self.effective_layers()):
+            out = layer(h)
+            h = out if intervene is None else intervene(l, h, out)
+        return self.readout(h)
+
+
+@dataclasses.dataclass
+class Trace:
+    states: list[torch.Tensor]  # h_0 ... h_L, each (B, T, D)
+    logits: torch.Tensor
+    sublayers: list[dict[str, torch.Tensor]]  # per effective layer: tap name -> output
+
+
+def taps(layer: nn.Module) -> dict[str, Tap]:
+    return {name: m for name, m in layer.named_modules() if isinstance(m, Tap)}
+
+
+def trace(model: StreamModel, x, *, skip: Sequence[int] = (), sublayers: bool = True) -> Trace:
+    """Run ``model`` on ``x`` recording every stream state; layers in ``skip`` pass h_s through."""
+    skip = set(skip)
+    states: list[torch.Tensor] = []
+    subs: list[dict[str, torch.Tensor]] = []
+    current: dict[str, torch.Tensor] = {}
+    handles = []
+    if sublayers:
+        for layer in {id(m): m for m in model.effective_layers()}.values():
+            for name, tap in taps(layer).items():
+                handles.append(tap.register_forward_hook(
+                    lambda _m, _i, out, name=name: current.__setitem__(name, out.detach())))
+
+    def intervene(l, h_in, h_out):
+        if not states:
+            states.append(h_in.detach())
+        subs.append(dict(current))
+        current.clear()
+        h = h_in if l in skip else h_out
+        states.append(h.detach())
+        return h
+
+    try:
+        logits = model(x, intervene=intervene)
+    finally:
+        for h in handles:
+            h.remove()
+    if not states:  # depth 0
+        states.append(model.embed(x).detach())
+    return Trace(states, logits, subs)
+
+
+def build_model(block, block_kwargs: dict, depth: int, spec: InputSpec, width: int,
+                zero_head: bool = True, block_name: str | None = None) -> StreamModel:
+    """A stack of ``depth`` blocks of class ``block`` for a task with input ``spec``."""
+    name = block_name or getattr(block, "registry_name", block.__name__)
+    layers = []
+    for l in range(depth):
+        try:
+            layers.append(block(dim=width, layer_idx=l, depth=depth, **block_kwargs))
+        except TypeError as e:
+            raise ArchbenchError(f"block {name!r} could not be built: {e} "
+                                 "(a block takes keyword arguments dim, layer_idx, depth and its knobs)") from None
+    if spec.kind == "vector":
+        embed = VectorEmbed(spec.size, width)
+    else:
+        embed = TokenEmbed(spec.size, width, spec.seq_len)
+    return StreamModel(embed, layers, Readout(width, spec.out_dim, zero_init=zero_head))
+
+
+def check_stream_shapes(model: StreamModel, x, block_name: str) -> None:
+    """One forward pass that names the block and layer whose output breaks the protocol."""
+
+    def intervene(l, h_in, h_out):
+        if not isinstance(h_out, torch.Tensor):
+            raise ArchbenchError(f"block {block_name!r} (layer {l}) returned {type(h_out).__name__}; "
+                                 f"forward(x) must return the new stream, a tensor shaped like x {tuple(h_in.shape)}")
+        if h_out.shape != h_in.shape:
+            raise ArchbenchError(f"block {block_name!r} (layer {l}) returned shape {tuple(h_out.shape)}, expected "
+                                 f"{tuple(h_in.shape)}: forward(x) must return the new stream (batch, seq, dim)")
+        return h_out
+
+    with torch.no_grad():
+        try:
+            model(x, intervene=intervene)
+        except ArchbenchError:
+            raise
+        except Exception as e:
+            raise ArchbenchError(f"block {block_name!r} failed in forward: {type(e).__name__}: {e}") from None

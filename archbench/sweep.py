@@ -1,0 +1,209 @@
+"""``archbench eval``: a depth sweep of one block on one task, then the evaluators.
+
+spec (block, task, depths, seeds, preset, --set overrides)
+  -> for each (depth, seed): build, train, evaluate, write a run record (cached by hash)
+  -> sweep evaluators (alpha_ell) -> result JSON and plots
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import datetime
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import archbench
+from archbench.env import environment, resolve_device
+from archbench.errors import UsageError, unknown
+from archbench.knobs import resolve
+from archbench.model import StreamModel, build_model, check_stream_shapes
+from archbench.records import RunStore, atomic_write_text, run_key
+from archbench.registry import BLOCKS, EVALUATORS, TASKS, Entry
+from archbench.train import TrainConfig, train
+
+SECTIONS = ("block", "task", "model", "train")
+
+
+@dataclasses.dataclass
+class ModelConfig:
+    width: int = 32  # residual-stream dimension
+    zero_head: bool = True  # zero-initialised readout: every model starts at the uniform prediction
+
+
+@dataclasses.dataclass
+class EvalSpec:
+    block: str = "residual-mlp"
+    task: str = "teacher-student"
+    preset: str = "quick"
+    depths: list[int] | None = None  # None: the preset's
+    seeds: int | None = None
+    sets: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)  # section -> key -> raw value
+    evaluators: list[str] = dataclasses.field(default_factory=lambda: ["alpha-ell"])
+    device: str = "auto"
+    runs_dir: str = "runs"
+    out: str | None = None
+
+
+def parse_sets(items: list[str]) -> dict[str, dict[str, str]]:
+    """``["task.teacher=tied", "train.lr=1e-3"]`` -> ``{"task": {"teacher": "tied"}, "train": {"lr": "1e-3"}}``."""
+    out: dict[str, dict[str, str]] = {}
+    for item in items:
+        key, eq, value = item.partition("=")
+        section, dot, name = key.partition(".")
+        if not eq or not dot or not section or not name:
+            raise UsageError(f"--set {item!r}: expected SECTION.KEY=VALUE, e.g. task.temperature=0.1")
+        out.setdefault(section, {})[name] = value
+    return out
+
+
+def resolve_config(spec: EvalSpec) -> dict:
+    """Knob defaults < the task's preset < --set overrides < --depths/--seeds."""
+    block, task = BLOCKS.get(spec.block), TASKS.get(spec.task)
+    evaluators = {name: EVALUATORS.get(name) for name in spec.evaluators}
+    presets = task.obj.presets
+    if spec.preset not in presets:
+        raise unknown(f"preset for task {spec.task!r}", spec.preset, presets)
+    preset = copy.deepcopy(presets[spec.preset])
+    for section in spec.sets:
+        if section not in SECTIONS and section not in evaluators:
+            raise unknown("--set section", section, [*SECTIONS, *evaluators])
+    targets = {"block": block.obj, "task": task.obj, "model": ModelConfig, "train": TrainConfig,
+               **{name: e.obj for name, e in evaluators.items()}}
+    config: dict[str, Any] = {"preset": spec.preset}
+    for section, target in targets.items():
+        merged = {**preset.get(section, {}), **spec.sets.get(section, {})}
+        config[section] = resolve(target, section, merged)
+    depths = spec.depths if spec.depths is not None else preset.get("depths", [2, 4, 8])
+    seeds = spec.seeds if spec.seeds is not None else preset.get("seeds", 1)
+    if not depths or any(d < 1 for d in depths):
+        raise UsageError(f"--depths {','.join(map(str, depths))}: depths must be positive integers")
+    if seeds < 1:
+        raise UsageError(f"--seeds {seeds}: need at least one seed")
+    config["depths"], config["seeds"] = sorted(set(depths)), seeds
+    return config
+
+
+def make_task(entry: Entry, cfg: dict, device: torch.device):
+    return entry.obj(device=device, **cfg)
+
+
+def make_model(block: Entry, config: dict, depth: int, task) -> StreamModel:
+    m = config["model"]
+    return build_model(block.obj, config["block"], depth, task.input, m["width"], m["zero_head"], block.name)
+
+
+def run_determinants(block: Entry, task: Entry, config: dict, depth: int, seed: int) -> dict:
+    return {"archbench": archbench.__version__, "block": block.name, "block_source": block.source_hash,
+            "block_cfg": config["block"], "task": task.name, "task_source": task.source_hash,
+            "task_cfg": config["task"], "model": config["model"], "train": config["train"], "depth": depth,
+            "seed": seed}
+
+
+def run_eval(spec: EvalSpec, console=None) -> dict:
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    console = console or Console(stderr=True)
+    config = resolve_config(spec)
+    device = resolve_device(spec.device)
+    block, task_entry = BLOCKS.get(spec.block), TASKS.get(spec.task)
+    evaluators = {name: EVALUATORS.get(name).obj(**config[name]) for name in spec.evaluators}
+    store = RunStore(spec.runs_dir)
+    env = environment(device)
+    train_cfg = TrainConfig(**config["train"])
+    task = make_task(task_entry, config["task"], device)
+
+    jobs = [(d, s) for d in config["depths"] for s in range(config["seeds"])]
+    runs = []
+    columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+               TextColumn("{task.fields[info]}"), TimeElapsedColumn()]
+    with Progress(*columns, console=console, transient=True) as progress:
+        sweep_bar = progress.add_task("sweep", total=len(jobs), info="")
+        for depth, seed in jobs:
+            det = run_determinants(block, task_entry, config, depth, seed)
+            key = run_key(det)
+            record = store.load(key)
+            cached = record is not None
+            if record is None:
+                bar = progress.add_task(f"depth {depth} seed {seed}", total=train_cfg.steps, info="")
+
+                def on_log(step, loss, bar=bar):
+                    progress.update(bar, completed=step, info=f"loss {loss:.4g}")
+
+                record = _train_one(block, task_entry, task, config, train_cfg, det, key, store, env, on_log)
+                progress.remove_task(bar)
+                console.print(_run_line(record))
+            record = _model_evaluators(record, evaluators, store, block, config, task)
+            runs.append({**{k: record[k] for k in ("depth", "effective_depth", "seed", "final_loss", "params",
+                                                   "status", "wall_s", "key")},
+                         "failure": record.get("failure"), "cached": cached})
+            progress.advance(sweep_bar)
+
+    metrics = {name: ev.evaluate_sweep(runs, task) for name, ev in evaluators.items() if ev.kind == "sweep"}
+    for name, ev in evaluators.items():
+        if ev.kind == "model":
+            metrics[name] = {"per_run": {r["key"]: store.load(r["key"])["metrics"].get(name) for r in runs}}
+    alpha = metrics.get("alpha-ell", {})
+    result = {"block": spec.block, "task": spec.task, "config": config, "runs": runs,
+              "alpha_ell": {"value": alpha.get("value"), "ci95": alpha.get("ci95")}, "metrics": metrics,
+              "env": env, "command": sys.argv, "created": datetime.datetime.now(datetime.timezone.utc).isoformat()}
+
+    out = Path(spec.out) if spec.out else (Path(spec.runs_dir) / "results" /
+                                           f"{spec.block}__{spec.task}__{run_key(config)[:8]}.json")
+    import json
+
+    atomic_write_text(out, json.dumps(result, indent=1, default=str))
+    plots = []
+    for name, ev in evaluators.items():
+        path = out.with_suffix(f".{name}.png")
+        if name in metrics and ev.plot(metrics[name], runs, path):
+            plots.append(str(path))
+    result["files"] = {"result": str(out), "plots": plots}
+    return result
+
+
+def _train_one(block, task_entry, task, config, train_cfg, det, key, store, env, on_log) -> dict:
+    depth, seed = det["depth"], det["seed"]
+    torch.manual_seed(seed)
+    model = make_model(block, config, depth, task).to(task.device)
+    probe = task.batch(2, torch.Generator(device=task.device).manual_seed(seed + 7919))[0]
+    check_stream_shapes(model, probe, block.name)
+    ckpt = store.checkpoint_path(key)
+    outcome = train(model, task, train_cfg, seed=seed, depth=depth, checkpoint=ckpt, on_log=on_log)
+    record = {"key": key, "spec": det, "block": block.name, "task": task_entry.name, "depth": depth,
+              "effective_depth": model.effective_depth, "seed": seed, "status": outcome.status,
+              "final_loss": outcome.final_loss, "eval": outcome.metrics, "failure": outcome.failure,
+              "steps_done": outcome.steps_done, "history": outcome.history, "wall_s": round(outcome.train_s, 3),
+              "params": sum(p.numel() for p in model.parameters()), "metrics": {}, "env": env,
+              "finished": datetime.datetime.now(datetime.timezone.utc).isoformat()}
+    torch.save(model.state_dict(), store.weights_path(key))
+    store.save(record)
+    ckpt.unlink(missing_ok=True)
+    record["_model"] = model
+    return record
+
+
+def _model_evaluators(record, evaluators, store, block, config, task) -> dict:
+    todo = [n for n, ev in evaluators.items() if ev.kind == "model" and n not in record["metrics"]]
+    model = record.pop("_model", None)
+    if not todo or record["status"] != "ok":
+        return record
+    if model is None:
+        model = make_model(block, config, record["depth"], task).to(task.device)
+        model.load_state_dict(torch.load(store.weights_path(record["key"]), map_location=task.device,
+                                         weights_only=True))
+    model.eval()
+    for name in todo:
+        record["metrics"][name] = evaluators[name].evaluate_model(model, task)
+    store.save(record)
+    return record
+
+
+def _run_line(r: dict) -> str:
+    if r["status"] != "ok":
+        return f"depth {r['depth']:>3} seed {r['seed']}: [red]failed[/] ({r['failure']})"
+    return f"depth {r['depth']:>3} seed {r['seed']}: loss {r['final_loss']:.5g}  ({r['wall_s']:.1f} s)"

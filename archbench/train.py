@@ -1,0 +1,146 @@
+"""The training engine: one model, one task, one seed.
+
+Optimizers and schedules come from timm. Runs are repeatable on a CPU for a given seed, save
+a checkpoint every ``checkpoint_every`` steps (a killed run resumes from it and continues as if
+never stopped: model, optimizer, schedule and data-generator state are all restored), and stop
+as ``failed`` when the loss becomes NaN or infinite.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+import os
+import time
+from pathlib import Path
+from typing import Annotated, Callable, Literal
+
+import torch
+from timm.optim import create_optimizer_v2
+from timm.scheduler import CosineLRScheduler, PolyLRScheduler
+
+from archbench.knobs import Range
+from archbench.task import Task
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    steps: int = 2000
+    batch_size: int = 1024
+    lr: Annotated[float, Range(1e-4, 1e-2, log=True)] = 6e-4
+    optimizer: str = "adam"  # any name timm.optim.create_optimizer_v2 knows: adam, adamw, sgd, lion, ...
+    weight_decay: float = 0.0
+    # constant; cosine (warmup, then cosine to final_lr_frac·lr); hold-decay (the paper's long
+    # schedule: hold for hold_frac of training, then linearly down to final_lr_frac·lr)
+    schedule: Literal["constant", "cosine", "hold-decay"] = "constant"
+    warmup_frac: float = 0.0
+    hold_frac: float = 0.8
+    final_lr_frac: float = 0.1
+    lr_depth_ref: int | None = None  # if set, lr·sqrt(ref/depth): the paper's 6e-4·4/√ℓ is ref=16
+    grad_clip: float = 0.0  # max gradient norm; 0 = off
+    precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU
+    eval_batch_size: int = 0  # 0 = batch_size
+    log_every: int = 50  # steps between loss readings (and NaN checks)
+    checkpoint_every: int = 1000  # steps between resumable checkpoints; 0 = never
+
+
+@dataclasses.dataclass
+class Outcome:
+    status: str  # "ok" or "failed"
+    final_loss: float
+    metrics: dict
+    steps_done: int
+    history: list  # [step, training loss] at every log point
+    train_s: float
+    failure: str | None = None
+
+
+def scaled_lr(cfg: TrainConfig, depth: int) -> float:
+    if cfg.lr_depth_ref:
+        return cfg.lr * math.sqrt(cfg.lr_depth_ref / max(depth, 1))
+    return cfg.lr
+
+
+def make_scheduler(opt: torch.optim.Optimizer, cfg: TrainConfig, lr: float):
+    """A timm scheduler stepped per update (``step_update``), or None for a constant rate."""
+    lr_min = lr * cfg.final_lr_frac
+    if cfg.schedule == "hold-decay":
+        hold = int(cfg.hold_frac * cfg.steps)
+        # A "warmup" from lr to lr is timm's way to hold; poly of power 1 is the linear decay.
+        return PolyLRScheduler(opt, t_initial=max(cfg.steps - hold, 1), power=1.0, lr_min=lr_min, warmup_t=hold,
+                               warmup_lr_init=lr, warmup_prefix=True, t_in_epochs=False)
+    warmup = int(cfg.warmup_frac * cfg.steps)
+    if cfg.schedule == "cosine":
+        return CosineLRScheduler(opt, t_initial=max(cfg.steps - warmup, 1), lr_min=lr_min, warmup_t=warmup,
+                                 warmup_lr_init=lr * 0.01, warmup_prefix=True, t_in_epochs=False)
+    if warmup:  # constant after a linear warmup: poly of power 0
+        return PolyLRScheduler(opt, t_initial=max(cfg.steps - warmup, 1), power=0.0, lr_min=lr, warmup_t=warmup,
+                               warmup_lr_init=lr * 0.01, warmup_prefix=True, t_in_epochs=False)
+    return None
+
+
+def autocast_for(device: torch.device, precision: str):
+    if precision == "bf16" or (precision == "auto" and device.type == "cuda"):
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def train(model: torch.nn.Module, task: Task, cfg: TrainConfig, *, seed: int, depth: int,
+          checkpoint: Path | None = None, on_log: Callable[[int, float], None] | None = None) -> Outcome:
+    device = task.device
+    model.to(device).train()
+    lr = scaled_lr(cfg, depth)
+    opt = create_optimizer_v2(model, opt=cfg.optimizer, lr=lr, weight_decay=cfg.weight_decay)
+    sched = make_scheduler(opt, cfg, lr)
+    gen = torch.Generator(device=device).manual_seed(seed)
+    start, history, elapsed = 0, [], 0.0
+    if checkpoint is not None and checkpoint.exists():
+        state = torch.load(checkpoint, map_location=device, weights_only=True)
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        if sched is not None:
+            sched.load_state_dict(state["scheduler"])
+        gen.set_state(state["generator"].cpu() if device.type == "cpu" else state["generator"])
+        start, history, elapsed = state["step"], state["history"], state["train_s"]
+
+    t0 = time.perf_counter() - elapsed
+    for step in range(start, cfg.steps):
+        x, y = task.batch(cfg.batch_size, gen)
+        with autocast_for(device, cfg.precision):
+            logits = model(x)
+        loss = task.loss(logits, y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        opt.step()
+        if sched is not None:
+            sched.step_update(step + 1)
+        done = step + 1
+        if done % cfg.log_every == 0 or done == cfg.steps:
+            value = loss.item()  # one device sync per log point, not per step
+            history.append([done, value])
+            if not math.isfinite(value):
+                return Outcome("failed", value, {}, done, history, time.perf_counter() - t0,
+                               failure=f"loss became {value} at step {done}")
+            if on_log:
+                on_log(done, value)
+        if checkpoint is not None and cfg.checkpoint_every and done % cfg.checkpoint_every == 0 and done < cfg.steps:
+            _save_checkpoint(checkpoint, model, opt, sched, gen, done, history, time.perf_counter() - t0)
+
+    metrics = task.evaluate(model, cfg.eval_batch_size or cfg.batch_size, autocast_for(device, cfg.precision))
+    train_s = time.perf_counter() - t0
+    if not math.isfinite(metrics["loss"]):
+        return Outcome("failed", metrics["loss"], metrics, cfg.steps, history, train_s,
+                       failure=f"held-out loss is {metrics['loss']} after step {cfg.steps}")
+    return Outcome("ok", metrics["loss"], metrics, cfg.steps, history, train_s)
+
+
+def _save_checkpoint(path: Path, model, opt, sched, gen, step, history, train_s):
+    state = {"model": model.state_dict(), "optimizer": opt.state_dict(),
+             "scheduler": sched.state_dict() if sched is not None else {},
+             "generator": gen.get_state(), "step": step, "history": history, "train_s": train_s}
+    tmp = path.with_suffix(".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)

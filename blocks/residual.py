@@ -1,0 +1,70 @@
+"""The standard residual family: pre-norm transformer block and the papers' attention-free MLP block."""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+import torch
+from timm.layers import DropPath, Mlp
+from torch import nn
+
+import archbench
+from archbench.knobs import Range
+from archbench.model import Tap
+from archbench.nn import CausalSelfAttention, ReLUSquared, make_norm
+
+PAPER_1 = "Liu et al. 2026, Inverse Depth Scaling From Most Layers Being Similar (arXiv 2602.05970)"
+
+
+@archbench.register_block("residual", family="residual", identity_init=True,
+                          citation="Vaswani et al. 2017; pre-norm as in Xiong et al. 2020")
+class Residual(nn.Module):
+    """Pre-norm transformer block: h + attn(norm(h)), then + mlp(norm(.)); causal attention."""
+
+    def __init__(self, dim: int, layer_idx: int, depth: int, *,
+                 heads: Annotated[int, Range(1, 16)] = 4,
+                 mlp_ratio: Annotated[int, Range(1, 8)] = 4,
+                 norm: Literal["rmsnorm", "layernorm"] = "rmsnorm",
+                 act: Literal["gelu", "relu2"] = "gelu",
+                 zero_init: bool = True,
+                 drop_path: Annotated[float, Range(0.0, 0.3)] = 0.0,
+                 bias: bool = False,
+                 attn_backend: Literal["sdpa", "xformers"] = "sdpa",
+                 **kwargs):
+        super().__init__()
+        self.norm1, self.norm2 = make_norm(norm, dim), make_norm(norm, dim)
+        self.attn = CausalSelfAttention(dim, heads, bias=bias, backend=attn_backend)
+        act_layer = nn.GELU if act == "gelu" else ReLUSquared
+        self.mlp = Mlp(dim, mlp_ratio * dim, act_layer=act_layer, bias=bias)
+        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+        self.attn_out, self.mlp_out = Tap(), Tap()  # a_l and m_l of the Csordás et al. notation
+        if zero_init:  # every block starts as the identity map
+            nn.init.zeros_(self.attn.proj.weight)
+            nn.init.zeros_(self.mlp.fc2.weight)
+
+    def forward(self, x):  # (B, T, C) -> (B, T, C)
+        x = x + self.drop_path(self.attn_out(self.attn(self.norm1(x))))
+        return x + self.drop_path(self.mlp_out(self.mlp(self.norm2(x))))
+
+
+@archbench.register_block("residual-mlp", family="residual", identity_init=True, citation=PAPER_1)
+class ResidualMLP(nn.Module):
+    """Attention-free block of the teacher-student paper: h + W_proj·relu(W_fc·rmsnorm(h) + b)²."""
+
+    def __init__(self, dim: int, layer_idx: int, depth: int, *,
+                 mlp_ratio: Annotated[int, Range(1, 8)] = 4,
+                 zero_init: bool = True,
+                 proj_scale: Annotated[float, Range(0.01, 1.0, log=True)] = 1.0,
+                 **kwargs):
+        super().__init__()
+        # rmsnorm without weight -> Linear(d, 4d) with bias -> relu² -> Linear(4d, d) without bias
+        self.mlp = Mlp(dim, mlp_ratio * dim, act_layer=ReLUSquared, norm_layer=None, bias=(True, False))
+        self.mlp_out = Tap()
+        with torch.no_grad():
+            if zero_init:  # the paper's student: identity at init
+                self.mlp.fc2.weight.zero_()
+            else:  # the paper's teacher: default init, W_proj scaled by proj_scale (1/sqrt(depth))
+                self.mlp.fc2.weight.mul_(proj_scale)
+
+    def forward(self, x):
+        return x + self.mlp_out(self.mlp(torch.nn.functional.rms_norm(x, (x.shape[-1],))))

@@ -1,0 +1,3 @@
+"""Built-in evaluators, one file per evaluator. Importing this package registers them."""
+
+from archbench.evaluators import alpha_ell  # noqa: F401

@@ -1,0 +1,149 @@
+"""alpha_ell: how fast the loss falls with effective depth, L(ℓ) = c·ℓ^-α (+ L_0).
+
+α ≈ 1 is the ensemble-averaging regime (Liu et al. 2026); α ≈ 3 is what an Euler-discretised
+smooth process gives when converged. The point estimate fits the per-depth mean loss (seeds
+averaged); the 95 % interval is a case bootstrap over runs (runs resampled with replacement,
+re-averaged per depth, refitted).
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+from scipy.optimize import least_squares
+
+import archbench
+from archbench.errors import UsageError
+from archbench.evaluator import Evaluator
+
+
+def fit_power_law(depths, losses, floor: float | str | None = None) -> dict:
+    """Fit L = c·ℓ^-α (+ L_0) to per-depth mean losses.
+
+    ``floor``: None (L_0 = 0, ordinary least squares on log-log), a number (subtracted first),
+    or ``"fit"`` (L_0 ≥ 0 fitted jointly, least squares on log L; needs three depths).
+    Returns alpha, c, floor, the RMS residual of log L and the number of depths used.
+    """
+    depths, losses = np.asarray(depths, float), np.asarray(losses, float)
+    uniq = np.unique(depths)
+    mean = np.array([losses[depths == d].mean() for d in uniq])
+    x = np.log(uniq)
+    if floor == "fit":
+        if len(uniq) < 3:
+            raise ValueError("fitting a loss floor needs at least three depths")
+        slope, icpt = np.polyfit(x, np.log(mean), 1)
+        p0 = [icpt, max(-slope, 1e-3), 0.5 * mean.min()]
+
+        def resid(p):
+            return np.log(np.exp(p[0]) * uniq ** -p[1] + p[2]) - np.log(mean)
+
+        sol = least_squares(resid, p0, bounds=([-np.inf, 0.0, 0.0], [np.inf, np.inf, mean.min() * (1 - 1e-9)]))
+        logc, alpha, l0 = sol.x
+        rms = float(np.sqrt(np.mean(sol.fun ** 2)))
+        return {"alpha": float(alpha), "c": float(math.exp(logc)), "floor": float(l0), "residual_rms": rms,
+                "n_depths": len(uniq)}
+    l0 = float(floor or 0.0)
+    if np.any(mean <= l0):
+        raise ValueError(f"loss floor {l0} is not below every mean loss (min {mean.min():.4g})")
+    if len(uniq) < 2:
+        raise ValueError("a slope needs at least two depths")
+    y = np.log(mean - l0)
+    slope, icpt = np.polyfit(x, y, 1)
+    rms = float(np.sqrt(np.mean((y - (slope * x + icpt)) ** 2)))
+    return {"alpha": float(-slope), "c": float(math.exp(icpt)), "floor": l0, "residual_rms": rms,
+            "n_depths": len(uniq)}
+
+
+def bootstrap_alpha(depths, losses, floor=None, n_boot: int = 1000, seed: int = 0, ci: float = 0.95):
+    """Percentile interval of alpha over case-bootstrap resamples of the runs."""
+    depths, losses = np.asarray(depths, float), np.asarray(losses, float)
+    rng = np.random.default_rng(seed)
+    need = 3 if floor == "fit" else 2
+    alphas = []
+    for _ in range(n_boot):
+        idx = rng.integers(0, len(depths), len(depths))
+        if len(np.unique(depths[idx])) < need:
+            continue
+        try:
+            alphas.append(fit_power_law(depths[idx], losses[idx], floor)["alpha"])
+        except ValueError:
+            continue
+    if len(alphas) < 10:
+        return None, len(alphas)
+    lo, hi = np.percentile(alphas, [50 * (1 - ci), 50 * (1 + ci)])
+    return [float(lo), float(hi)], len(alphas)
+
+
+@archbench.register_evaluator("alpha-ell", family="scaling",
+                              citation="Liu et al. 2026 (arXiv 2602.05970)")
+class AlphaEll(Evaluator):
+    """Depth-scaling exponent α_ℓ: slope of log test loss against log effective depth, bootstrap 95 % CI."""
+
+    kind = "sweep"
+
+    def __init__(self, *, floor: str = "auto", n_boot: int = 1000, boot_seed: int = 0):
+        # floor: auto (the task's own: 0 for KL, fitted where unknown), none, fit, or a number
+        if floor not in ("auto", "none", "fit"):
+            try:
+                float(floor)
+            except ValueError:
+                raise UsageError(f"alpha-ell.floor={floor!r}: use auto, none, fit or a number") from None
+        self.floor, self.n_boot, self.boot_seed = floor, n_boot, boot_seed
+
+    def _floor(self, task, n_depths):
+        if self.floor == "auto":
+            if task is not None and task.loss_floor is None:
+                return "fit" if n_depths >= 3 else None
+            return task.loss_floor or None if task is not None else None
+        if self.floor == "none":
+            return None
+        return "fit" if self.floor == "fit" else float(self.floor)
+
+    def evaluate_sweep(self, runs, task):
+        ok = [r for r in runs if r["status"] == "ok"]
+        depths = [r["depth"] for r in ok]
+        losses = [r["final_loss"] for r in ok]
+        floor = self._floor(task, len(set(depths)))
+        out = {"value": None, "ci95": None, "n_runs": len(ok), "n_depths": len(set(depths)),
+               "floor_mode": "none" if floor is None else str(floor)}
+        try:
+            fit = fit_power_law(depths, losses, floor)
+        except ValueError as e:
+            out["note"] = str(e)
+            return out
+        ci, n_ok = bootstrap_alpha(depths, losses, floor, self.n_boot, self.boot_seed)
+        out.update(value=fit["alpha"], ci95=ci, c=fit["c"], floor=fit["floor"], residual_rms=fit["residual_rms"],
+                   n_boot=n_ok)
+        return out
+
+    def plot(self, result, runs, path: Path) -> bool:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        ok = [r for r in runs if r["status"] == "ok"]
+        if not ok:
+            return False
+        fig, ax = plt.subplots(figsize=(5, 4), dpi=120)
+        d = np.array([r["depth"] for r in ok], float)
+        loss = np.array([r["final_loss"] for r in ok], float)
+        ax.loglog(d, loss, "o", alpha=0.5, label="runs")
+        uniq = np.unique(d)
+        ax.loglog(uniq, [loss[d == u].mean() for u in uniq], "s", color="C0", label="mean over seeds")
+        if result.get("value") is not None:
+            grid = np.geomspace(uniq.min(), uniq.max(), 50)
+            ci = result.get("ci95")
+            ci_txt = f" [{ci[0]:.2f}, {ci[1]:.2f}]" if ci else ""
+            ax.loglog(grid, result["c"] * grid ** -result["value"] + result["floor"], "-", color="C1",
+                      label=f"fit α_ℓ = {result['value']:.2f}{ci_txt}")
+        ax.set_xlabel("effective depth ℓ")
+        ax.set_ylabel("test loss")
+        ax.legend()
+        ax.grid(True, which="both", alpha=0.3)
+        fig.tight_layout()
+        fig.savefig(path)
+        plt.close(fig)
+        return True

@@ -1,0 +1,88 @@
+"""Teacher-student distillation on residual MLP stacks (Liu et al. 2026, §1b of PAPERS.md).
+
+A frozen random teacher (128 residual MLP layers, width 32, vocabulary 128) maps Gaussian inputs
+to a distribution softmax(logits / T); the student minimises KL(teacher || student) on fresh
+batches. With an independent teacher every teacher layer is different (rough dynamics); with a
+tied teacher all layers share one set of weights (a smooth, Euler-discretised ODE).
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+import torch
+import torch.nn.functional as F
+
+import archbench
+from archbench.blocks.residual import PAPER_1, ResidualMLP
+from archbench.knobs import Range
+from archbench.model import InputSpec, Readout, StreamModel, VectorEmbed
+from archbench.task import Task
+
+EVAL_STREAM = 1_000_003  # offset of the held-out generator's seed from the teacher seed
+
+
+def make_teacher(kind: str, depth: int, dim: int, vocab: int, seed: int) -> StreamModel:
+    """PyTorch default init, W_proj scaled by 1/sqrt(depth), never trained; reproducible from ``seed``."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        n_distinct = 1 if kind == "tied" else depth
+        layers = [ResidualMLP(dim=dim, layer_idx=l, depth=depth, zero_init=False, proj_scale=depth ** -0.5)
+                  for l in range(n_distinct)]
+        schedule = [0] * depth if kind == "tied" else None
+        teacher = StreamModel(VectorEmbed(dim, dim), layers, Readout(dim, vocab, zero_init=False), schedule)
+    return teacher.requires_grad_(False).eval()
+
+
+@archbench.register_task("teacher-student", family="synthetic", citation=PAPER_1)
+class TeacherStudent(Task):
+    """Distil a random residual-MLP teacher (independent or tied layers) under KL; fresh Gaussian inputs."""
+
+    loss_floor = 0.0
+    presets = {
+        "smoke": {"depths": [2, 4, 8], "seeds": 1, "task": {"teacher_depth": 32, "eval_batches": 2},
+                  "train": {"steps": 150, "batch_size": 256, "lr": 3e-3}},
+        "quick": {"depths": [6, 12, 24], "seeds": 1,
+                  "train": {"steps": 3000, "batch_size": 512, "lr": 2e-3}},
+        "paper": {"depths": [6, 12, 16, 24, 32, 48], "seeds": 1,
+                  "train": {"steps": 40_000, "batch_size": 1024, "lr": 6e-4}},
+    }
+
+    def __init__(self, *, device="cpu",
+                 teacher: Literal["independent", "tied"] = "independent",
+                 temperature: Annotated[float, Range(0.01, 1.0, log=True)] = 0.1,
+                 teacher_depth: int = 128,
+                 dim: int = 32,
+                 vocab: int = 128,
+                 teacher_seed: int = 0,
+                 eval_batches: int = 10):
+        super().__init__(device=device)
+        if temperature <= 0:
+            raise archbench.UsageError(f"task.temperature must be > 0, got {temperature}")
+        self.temperature, self.dim, self.n_eval = temperature, dim, eval_batches
+        self.teacher = make_teacher(teacher, teacher_depth, dim, vocab, teacher_seed).to(self.device)
+        self.eval_seed = teacher_seed + EVAL_STREAM
+        self.input = InputSpec("vector", size=dim, out_dim=vocab)
+        self._eval: dict[int, list] = {}
+
+    @torch.no_grad()
+    def _targets(self, x):  # teacher log-probabilities at temperature T, (B, vocab)
+        return F.log_softmax(self.teacher(x).squeeze(1).float() / self.temperature, dim=-1)
+
+    def batch(self, batch_size, generator):
+        x = torch.randn(batch_size, self.dim, generator=generator, device=self.device)
+        return x, self._targets(x)
+
+    def loss(self, logits, targets):  # KL(teacher || student), batch mean
+        logp = F.log_softmax(logits.squeeze(1).float(), dim=-1)
+        return F.kl_div(logp, targets, log_target=True, reduction="batchmean")
+
+    def metrics(self, logits, targets):
+        agree = logits.squeeze(1).argmax(-1) == targets.argmax(-1)
+        return {"top1_agreement": agree.float().mean().item()}
+
+    def eval_batches(self, batch_size):
+        if batch_size not in self._eval:  # 10 fresh batches, the same for every run on this teacher
+            g = torch.Generator(device=self.device).manual_seed(self.eval_seed)
+            self._eval[batch_size] = [self.batch(batch_size, g) for _ in range(self.n_eval)]
+        return self._eval[batch_size]
