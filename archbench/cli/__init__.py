@@ -37,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
 
     err = Console(stderr=True, highlight=False)
     warnings.filterwarnings("default")
-    warnings.showwarning = lambda msg, *a, **k: err.print(f"[yellow]warning:[/] {msg}", markup=True)
+    warnings.showwarning = lambda msg, *a, **k: err.print(f"warning: {msg}", markup=False, soft_wrap=True)
     try:
         args = build_parser().parse_args(argv)
         from archbench.registry import load_plugin_file
@@ -46,10 +46,11 @@ def main(argv: list[str] | None = None) -> int:
             load_plugin_file(path)
         return args.run(args) or 0
     except ArchbenchError as e:
-        err.print(f"archbench: error: {e}", markup=False)
+        err.print(f"archbench: error: {e}", markup=False, soft_wrap=True)
         return e.exit_code
     except KeyboardInterrupt:
-        err.print("archbench: interrupted; finished runs are saved, rerun the same command to resume", markup=False)
+        err.print("archbench: interrupted; finished runs are saved, rerun the same command to resume", markup=False,
+                  soft_wrap=True)
         return 130
 
 

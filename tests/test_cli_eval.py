@@ -1,0 +1,134 @@
+"""End-to-end: `archbench eval` as a user runs it."""
+
+import json
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+def test_smoke_preset_end_to_end_then_cached(cli, tmp_path):
+    out = tmp_path / "result.json"
+    r = cli("eval", "--preset", "smoke", "--runs-dir", tmp_path / "runs", "--out", out)
+    assert r.returncode == 0, r.stderr
+    assert "alpha_ell =" in r.stdout
+    res = json.loads(out.read_text())
+    assert res["block"] == "residual-mlp" and res["task"] == "teacher-student"
+    assert [run["depth"] for run in res["runs"]] == [2, 4, 8]
+    for run in res["runs"]:
+        assert run["status"] == "ok" and run["final_loss"] > 0 and run["params"] > 0 and not run["cached"]
+    assert res["runs"][0]["params"] < res["runs"][2]["params"]
+    a = res["alpha_ell"]
+    assert a["value"] > 0 and a["ci95"][0] <= a["value"] <= a["ci95"][1]
+    assert res["metrics"]["alpha-ell"]["n_runs"] == 3
+    assert res["config"]["train"]["steps"] == 150 and res["config"]["task"]["teacher"] == "independent"
+    assert res["env"]["torch"] and res["env"]["device"] == "cpu" and "archbench" in res["env"]
+    assert Path(res["files"]["plots"][0] if "files" in res else out.with_suffix(".alpha-ell.png")).exists()
+    records = sorted((tmp_path / "runs" / "records").glob("*.json"))
+    assert len(records) == 3 and not list((tmp_path / "runs" / "records").glob("*.ckpt.pt"))
+
+    # The same command again trains nothing and gives the same numbers.
+    r2 = cli("eval", "--preset", "smoke", "--runs-dir", tmp_path / "runs", "--out", out)
+    assert r2.returncode == 0, r2.stderr
+    res2 = json.loads(out.read_text())
+    assert all(run["cached"] for run in res2["runs"])
+    assert res2["alpha_ell"] == a
+    assert "depth   2 seed 0: loss" not in r2.stderr  # no run lines: nothing trained
+
+    # A changed knob is a different run.
+    r3 = cli("eval", "--preset", "smoke", "--depths", "2", "--set", "task.temperature=0.5",
+             "--runs-dir", tmp_path / "runs", "--out", tmp_path / "t.json")
+    assert r3.returncode == 0, r3.stderr
+    assert not json.loads((tmp_path / "t.json").read_text())["runs"][0]["cached"]
+
+
+def test_interrupted_sweep_resumes(tmp_path):
+    runs = tmp_path / "runs"
+    args = [sys.executable, "-m", "archbench", "eval", "--preset", "smoke", "--depths", "1,2,3",
+            "--set", "train.steps=400", "--set", "train.checkpoint_every=100", "--runs-dir", str(runs),
+            "--out", str(tmp_path / "r.json")]
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    records = runs / "records"
+    while time.time() < deadline and len(list(records.glob("*.json"))) < 1:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGKILL)  # as hard as a crash or a lost machine
+    proc.wait()
+    first = sorted(records.glob("*.json"))
+    assert len(first) == 1, "the first run should have finished before the kill"
+    mtime = first[0].stat().st_mtime_ns
+    assert not list(records.glob(".*.tmp")), "a killed sweep must leave no partial record"
+
+    done = subprocess.run(args, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    res = json.loads((tmp_path / "r.json").read_text())
+    assert [r["cached"] for r in res["runs"]] == [True, False, False]
+    assert first[0].stat().st_mtime_ns == mtime
+    assert len(list(records.glob("*.json"))) == 3
+
+
+def readme_example() -> str:
+    text = README.read_text()
+    block = re.search(r"<!-- example-block -->\s*```python\n(.*?)```", text, re.S)
+    assert block, "README lost its example block"
+    return block.group(1)
+
+
+def test_readme_block_example_runs(cli, tmp_path):
+    code = readme_example()
+    assert len(code.strip().splitlines()) < 20 + 2  # under 20 lines, not counting the filename comment
+    (tmp_path / "my_block.py").write_text(code)
+    cmd = re.search(r"archbench eval --plugins my_block.py[^\n]*", README.read_text()).group(0).split()[1:]
+    r = cli(*cmd, "--depths", "1,2", "--set", "train.steps=30", "--runs-dir", tmp_path / "runs",
+            "--out", tmp_path / "r.json", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    res = json.loads((tmp_path / "r.json").read_text())
+    assert res["block"] == "gated-mlp" and res["config"]["block"] == {"hidden": 128}
+    assert all(run["status"] == "ok" for run in res["runs"])
+    listed = cli("list", "blocks", "--plugins", tmp_path / "my_block.py")
+    assert "gated-mlp" in listed.stdout and "learned per-channel gate" in listed.stdout
+
+
+@pytest.mark.parametrize("source, message", [
+    ("import torch\nraise RuntimeError('boom')\n", "failed to import: RuntimeError: boom (line 2)"),
+    ("def broken(:\n", "failed to import: SyntaxError"),
+])
+def test_broken_plugin_file_gets_one_line(cli, tmp_path, source, message):
+    f = tmp_path / "bad_plugin.py"
+    f.write_text(source)
+    r = cli("list", "blocks", "--plugins", f)
+    assert r.returncode == 1
+    assert r.stderr.strip().count("\n") == 0 and "bad_plugin.py" in r.stderr and message in r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_wrong_shape_block_and_missing_plugin_get_one_line(cli, tmp_path):
+    f = tmp_path / "shape.py"
+    f.write_text(
+        "import torch, archbench\n"
+        "@archbench.register_block('widen')\n"
+        "class Widen(torch.nn.Module):\n"
+        "    def __init__(self, dim, layer_idx, depth, **kw):\n"
+        "        super().__init__(); self.lin = torch.nn.Linear(dim, dim + 1)\n"
+        "    def forward(self, x):\n"
+        "        return self.lin(x)\n")
+    r = cli("eval", "--plugins", f, "--block", "widen", "--preset", "smoke", "--runs-dir", tmp_path / "runs")
+    assert r.returncode == 1 and r.stderr.strip().count("\n") == 0, r.stderr
+    assert "block 'widen' (layer 0) returned shape (2, 1, 33), expected (2, 1, 32)" in r.stderr
+    r = cli("eval", "--plugins", tmp_path / "nope.py", "--preset", "smoke")
+    assert r.returncode == 1 and "does not exist" in r.stderr
+
+
+def test_lm_char_smoke(cli, tmp_path):
+    r = cli("eval", "--task", "lm-char", "--block", "residual", "--preset", "smoke", "--depths", "1,2",
+            "--runs-dir", tmp_path / "runs", "--out", tmp_path / "lm.json")
+    assert r.returncode == 0, r.stderr
+    res = json.loads((tmp_path / "lm.json").read_text())
+    assert all(run["status"] == "ok" for run in res["runs"])
+    assert res["runs"][0]["final_loss"] < 4.7  # below the uniform loss over ~100 characters

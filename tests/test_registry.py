@@ -1,0 +1,103 @@
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+import archbench
+from archbench.errors import UsageError
+from archbench.registry import BLOCKS, Registry
+
+
+def test_builtins_are_registered_under_the_archbench_namespace(tmp_path):
+    assert {"residual", "residual-mlp"} <= set(BLOCKS.names())
+    assert {"teacher-student", "lm-char"} <= set(archbench.TASKS.names())
+    assert "alpha-ell" in archbench.EVALUATORS.names()
+    # Outside the checkout, the installed package must not leak generic top-level names.
+    code = ("import importlib.util as u, archbench.blocks, archbench.tasks, archbench.evaluators;"
+            "print([n for n in ('blocks', 'tasks', 'evaluators') if u.find_spec(n)])")
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"
+
+
+def test_register_get_and_wildcards():
+    reg = Registry("block", "archbench.blocks")
+
+    @reg.register("alpha-one", family="f", citation="c")
+    class A(torch.nn.Module):
+        """First line of the docstring.
+
+        More detail that is not the description."""
+
+    reg.register("alpha-two", description="explicit")(A)
+    reg.register("beta")(A)
+    assert reg.get("alpha-one").description == "First line of the docstring."
+    assert reg.get("alpha-two").description == "explicit"
+    assert reg.names("alpha-*") == ["alpha-one", "alpha-two"]
+    assert reg.names("*ta") == ["beta"]
+    assert reg.get("alpha-one").family == "f"
+
+
+def test_unknown_name_suggests_close_matches():
+    with pytest.raises(UsageError, match="did you mean 'residual-mlp'") as e:
+        BLOCKS.get("residual_mlp")
+    assert e.value.exit_code == 2 and "\n" not in str(e.value)
+
+
+def test_knobs_from_signature_are_typed():
+    knobs = BLOCKS.get("residual").knobs
+    assert knobs["heads"].type is int and knobs["heads"].default == 4
+    assert knobs["heads"].range.low == 1
+    assert knobs["norm"].choices == ("rmsnorm", "layernorm")
+    assert knobs["heads"].parse("8", "block") == 8
+    assert knobs["zero_init"].parse("false", "block") is False
+    with pytest.raises(UsageError, match="did you mean 'layernorm'"):
+        knobs["norm"].parse("layernrom", "block")
+    with pytest.raises(UsageError, match="block.heads='2.5' is not a valid int"):
+        knobs["heads"].parse("2.5", "block")
+
+
+def test_cli_list_filters_and_describes(cli):
+    r = cli("list", "blocks", "residual*")
+    assert r.returncode == 0, r.stderr
+    assert "residual-mlp" in r.stdout and "Attention-free" in r.stdout
+    r = cli("list", "tasks", "teacher*")
+    assert "teacher-student" in r.stdout and "lm-char" not in r.stdout
+
+
+def test_cli_unknown_names_exit_2_with_one_line(cli):
+    r = cli("list", "blokcs")
+    assert r.returncode == 2 and r.stderr.strip().count("\n") == 0 and "did you mean 'blocks'" in r.stderr
+    r = cli("eval", "--block", "residul", "--preset", "smoke")
+    assert r.returncode == 2, r.stderr
+    assert r.stderr.strip().count("\n") == 0 and "'residual'" in r.stderr and "Traceback" not in r.stderr
+    r = cli("eval", "--task", "teacher-student", "--preset", "smok")
+    assert r.returncode == 2 and "did you mean 'smoke'" in r.stderr
+    r = cli("eval", "--preset", "smoke", "--set", "train.stesp=10")
+    assert r.returncode == 2 and "train.steps" in r.stderr
+
+
+def test_entry_point_plugins_are_discovered(cli, tmp_path):
+    """A real installed distribution (a .dist-info on the path) that declares an archbench.blocks entry point."""
+    (tmp_path / "ep_block_pkg.py").write_text(textwrap.dedent('''
+        import torch
+
+        class Doubler(torch.nn.Module):
+            """Entry-point block that adds its input to itself."""
+            def __init__(self, dim, layer_idx, depth, **kw):
+                super().__init__()
+            def forward(self, x):
+                return x + x
+    '''))
+    dist = tmp_path / "ep_block_pkg-0.1.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: ep-block-pkg\nVersion: 0.1\n")
+    (dist / "entry_points.txt").write_text("[archbench.blocks]\ndoubler = ep_block_pkg:Doubler\n")
+    import os
+
+    env = {"PYTHONPATH": str(tmp_path) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    r = cli("list", "blocks", "doub*", env=env)
+    assert r.returncode == 0, r.stderr
+    assert "doubler" in r.stdout and "Entry-point block" in r.stdout
