@@ -62,6 +62,10 @@ class Registry:
 
         def deco(obj):
             key = name or obj.__name__
+            old = self._entries.get(key)
+            if old is not None and _qualname(old.obj) != _qualname(obj):
+                raise ArchbenchError(f"{self.kind} {key!r} is already registered by {_qualname(old.obj)}; "
+                                     f"choose another name for {_qualname(obj)}")
             doc = description or (inspect.getdoc(obj) or "").strip().split("\n")[0]
             self._entries[key] = Entry(key, obj, doc, family, citation, extra)
             obj.registry_name = key
@@ -129,6 +133,10 @@ def load_plugin_file(path: str | Path) -> None:
         del sys.modules[mod_name]
         line = _error_line(e, path)
         raise ArchbenchError(f"plugin {str(path)!r} failed to import: {type(e).__name__}: {e}{line}") from None
+
+
+def _qualname(obj) -> str:
+    return f"{getattr(obj, '__module__', '?')}.{getattr(obj, '__qualname__', repr(obj))}"
 
 
 def _error_line(e: BaseException, path: Path) -> str:

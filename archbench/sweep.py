@@ -10,11 +10,17 @@ from __future__ import annotations
 import copy
 import dataclasses
 import datetime
+import json
 import sys
+import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
+from rich.console import Console
+from rich.progress import (BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn,
+                           TimeElapsedColumn)
+from rich.text import Text
 
 import archbench
 from archbench.env import environment, resolve_device
@@ -104,9 +110,6 @@ def run_determinants(block: Entry, task: Entry, config: dict, depth: int, seed: 
 
 
 def run_eval(spec: EvalSpec, console=None) -> dict:
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
     console = console or Console(stderr=True)
     config = resolve_config(spec)
     device = resolve_device(spec.device)
@@ -119,7 +122,7 @@ def run_eval(spec: EvalSpec, console=None) -> dict:
 
     jobs = [(d, s) for d in config["depths"] for s in range(config["seeds"])]
     runs = []
-    columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+    columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), SpeedColumn(),
                TextColumn("{task.fields[info]}"), TimeElapsedColumn()]
     with Progress(*columns, console=console, transient=True) as progress:
         sweep_bar = progress.add_task("sweep", total=len(jobs), info="")
@@ -154,15 +157,14 @@ def run_eval(spec: EvalSpec, console=None) -> dict:
 
     out = Path(spec.out) if spec.out else (Path(spec.runs_dir) / "results" /
                                            f"{spec.block}__{spec.task}__{run_key(config)[:8]}.json")
-    import json
-
-    atomic_write_text(out, json.dumps(result, indent=1, default=str))
+    out.parent.mkdir(parents=True, exist_ok=True)
     plots = []
     for name, ev in evaluators.items():
         path = out.with_suffix(f".{name}.png")
         if name in metrics and ev.plot(metrics[name], runs, path):
             plots.append(str(path))
     result["files"] = {"result": str(out), "plots": plots}
+    atomic_write_text(out, json.dumps(result, indent=1, default=str))
     return result
 
 
@@ -193,14 +195,25 @@ def _model_evaluators(record, evaluators, store, block, config, task) -> dict:
     if not todo or record["status"] != "ok":
         return record
     if model is None:
+        weights = store.weights_path(record["key"])
+        if not weights.exists():
+            warnings.warn(f"run {record['key']} has no saved weights; skipping {', '.join(todo)} for it")
+            return record
         model = make_model(block, config, record["depth"], task).to(task.device)
-        model.load_state_dict(torch.load(store.weights_path(record["key"]), map_location=task.device,
-                                         weights_only=True))
+        model.load_state_dict(torch.load(weights, map_location=task.device, weights_only=True))
     model.eval()
     for name in todo:
         record["metrics"][name] = evaluators[name].evaluate_model(model, task)
     store.save(record)
     return record
+
+
+class SpeedColumn(ProgressColumn):
+    """Training steps per second (left blank on the sweep bar, whose unit is runs)."""
+
+    def render(self, task):
+        speed = task.finished_speed or task.speed
+        return Text(f"{speed:,.1f} it/s" if speed and task.description != "sweep" else "")
 
 
 def _run_line(r: dict) -> str:

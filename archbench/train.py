@@ -101,7 +101,7 @@ def train(model: torch.nn.Module, task: Task, cfg: TrainConfig, *, seed: int, de
         opt.load_state_dict(state["optimizer"])
         if sched is not None:
             sched.load_state_dict(state["scheduler"])
-        gen.set_state(state["generator"].cpu() if device.type == "cpu" else state["generator"])
+        gen.set_state(state["generator"].cpu())  # generator states are CPU byte tensors
         start, history, elapsed = state["step"], state["history"], state["train_s"]
 
     t0 = time.perf_counter() - elapsed

@@ -94,9 +94,11 @@ class AlphaEll(Evaluator):
 
     def _floor(self, task, n_depths):
         if self.floor == "auto":
-            if task is not None and task.loss_floor is None:
+            if task is None:
+                return None
+            if task.loss_floor is None:  # unknown floor (e.g. language modelling): fit it where possible
                 return "fit" if n_depths >= 3 else None
-            return task.loss_floor or None if task is not None else None
+            return task.loss_floor or None
         if self.floor == "none":
             return None
         return "fit" if self.floor == "fit" else float(self.floor)

@@ -42,15 +42,18 @@ class TeacherStudent(Task):
     presets = {
         "smoke": {"depths": [2, 4, 8], "seeds": 1, "task": {"teacher_depth": 32, "eval_batches": 2},
                   "train": {"steps": 150, "batch_size": 256, "lr": 3e-3}},
-        "quick": {"depths": [6, 12, 24], "seeds": 1,
-                  "train": {"steps": 3000, "batch_size": 512, "lr": 2e-3}},
+        # About 10 minutes on a 2-core CPU: a quarter of the paper's batch, a tenth of its steps, its
+        # hold-then-decay schedule. Far from converged for the tied teacher (see the README).
+        "quick": {"depths": [4, 8, 16], "seeds": 1,
+                  "train": {"steps": 4000, "batch_size": 256, "lr": 3e-3, "schedule": "hold-decay"}},
         "paper": {"depths": [6, 12, 16, 24, 32, 48], "seeds": 1,
                   "train": {"steps": 40_000, "batch_size": 1024, "lr": 6e-4}},
     }
 
     def __init__(self, *, device="cpu",
                  teacher: Literal["independent", "tied"] = "independent",
-                 temperature: Annotated[float, Range(0.01, 1.0, log=True)] = 0.1,
+                 # The paper sweeps T over [0.01, 1]; at T = 1 a CPU-sized budget gets closest to convergence.
+                 temperature: Annotated[float, Range(0.01, 1.0, log=True)] = 1.0,
                  teacher_depth: int = 128,
                  dim: int = 32,
                  vocab: int = 128,

@@ -29,7 +29,8 @@ def test_smoke_preset_end_to_end_then_cached(cli, tmp_path):
     assert res["metrics"]["alpha-ell"]["n_runs"] == 3
     assert res["config"]["train"]["steps"] == 150 and res["config"]["task"]["teacher"] == "independent"
     assert res["env"]["torch"] and res["env"]["device"] == "cpu" and "archbench" in res["env"]
-    assert Path(res["files"]["plots"][0] if "files" in res else out.with_suffix(".alpha-ell.png")).exists()
+    assert res["files"]["plots"] == [str(out.with_suffix(".alpha-ell.png"))]
+    assert out.with_suffix(".alpha-ell.png").stat().st_size > 1000
     records = sorted((tmp_path / "runs" / "records").glob("*.json"))
     assert len(records) == 3 and not list((tmp_path / "runs" / "records").glob("*.ckpt.pt"))
 
@@ -132,3 +133,29 @@ def test_lm_char_smoke(cli, tmp_path):
     res = json.loads((tmp_path / "lm.json").read_text())
     assert all(run["status"] == "ok" for run in res["runs"])
     assert res["runs"][0]["final_loss"] < 4.7  # below the uniform loss over ~100 characters
+
+
+def test_model_evaluator_plugin_runs_on_fresh_and_cached_runs(cli, tmp_path):
+    """A per-model evaluator sees the trained model through the protocol; on cached runs the saved
+    weights are reloaded (weights_only) so a new evaluator needs no retraining."""
+    f = tmp_path / "final_norm.py"
+    f.write_text(
+        "import torch, archbench\n"
+        "from archbench.evaluator import Evaluator\n"
+        "@archbench.register_evaluator('stream-growth')\n"
+        "class StreamGrowth(Evaluator):\n"
+        "    '''||h_L|| / ||h_0|| on the first held-out batch.'''\n"
+        "    def evaluate_model(self, model, task):\n"
+        "        x, _ = task.eval_batches(64)[0]\n"
+        "        t = archbench.trace(model, x)\n"
+        "        return {'growth': (t.states[-1].norm() / t.states[0].norm()).item(), 'depth': len(t.states) - 1}\n")
+    base = ["eval", "--preset", "smoke", "--depths", "1,3", "--set", "train.steps=20", "--runs-dir", tmp_path / "runs"]
+    r = cli(*base, "--out", tmp_path / "a.json")
+    assert r.returncode == 0, r.stderr
+    r = cli(*base, "--plugins", f, "--evaluators", "alpha-ell,stream-growth", "--out", tmp_path / "b.json")
+    assert r.returncode == 0, r.stderr
+    res = json.loads((tmp_path / "b.json").read_text())
+    assert all(run["cached"] for run in res["runs"])
+    per_run = res["metrics"]["stream-growth"]["per_run"]
+    assert [per_run[run["key"]]["depth"] for run in res["runs"]] == [1, 3]
+    assert all(v["growth"] > 0 for v in per_run.values())

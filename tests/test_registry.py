@@ -101,3 +101,20 @@ def test_entry_point_plugins_are_discovered(cli, tmp_path):
     r = cli("list", "blocks", "doub*", env=env)
     assert r.returncode == 0, r.stderr
     assert "doubler" in r.stdout and "Entry-point block" in r.stdout
+
+
+def test_a_name_cannot_be_taken_twice():
+    from archbench.errors import ArchbenchError
+
+    reg = Registry("block", "archbench.blocks")
+
+    class A(torch.nn.Module):
+        pass
+
+    class B(torch.nn.Module):
+        pass
+
+    reg.register("x")(A)
+    reg.register("x")(A)  # the same object again (a plugin file loaded twice) is fine
+    with pytest.raises(ArchbenchError, match="block 'x' is already registered by .*A; choose another name"):
+        reg.register("x")(B)
