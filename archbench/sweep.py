@@ -142,14 +142,14 @@ def run_eval(spec: EvalSpec, console=None) -> dict:
                 console.print(_run_line(record))
             record = _model_evaluators(record, evaluators, store, block, config, task)
             runs.append({**{k: record[k] for k in ("depth", "effective_depth", "seed", "final_loss", "params",
-                                                   "status", "wall_s", "key")},
+                                                   "status", "wall_s", "key", "metrics")},
                          "failure": record.get("failure"), "cached": cached})
             progress.advance(sweep_bar)
 
     metrics = {name: ev.evaluate_sweep(runs, task) for name, ev in evaluators.items() if ev.kind == "sweep"}
     for name, ev in evaluators.items():
         if ev.kind == "model":
-            metrics[name] = {"per_run": {r["key"]: store.load(r["key"])["metrics"].get(name) for r in runs}}
+            metrics[name] = {"per_run": {r["key"]: r["metrics"].get(name) for r in runs}}
     alpha = metrics.get("alpha-ell", {})
     result = {"block": spec.block, "task": spec.task, "config": config, "runs": runs,
               "alpha_ell": {"value": alpha.get("value"), "ci95": alpha.get("ci95")}, "metrics": metrics,

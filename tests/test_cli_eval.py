@@ -159,3 +159,27 @@ def test_model_evaluator_plugin_runs_on_fresh_and_cached_runs(cli, tmp_path):
     per_run = res["metrics"]["stream-growth"]["per_run"]
     assert [per_run[run["key"]]["depth"] for run in res["runs"]] == [1, 3]
     assert all(v["growth"] > 0 for v in per_run.values())
+
+
+def test_diverging_runs_are_recorded_as_failed_and_the_sweep_goes_on(cli, tmp_path):
+    f = tmp_path / "unnormed.py"
+    f.write_text(
+        "import torch, archbench\n"
+        "@archbench.register_block('unnormed')\n"
+        "class Unnormed(torch.nn.Module):\n"
+        "    '''x + W x without a norm: overflows under a huge learning rate.'''\n"
+        "    def __init__(self, dim, layer_idx, depth, **kw):\n"
+        "        super().__init__(); self.lin = torch.nn.Linear(dim, dim)\n"
+        "    def forward(self, x):\n"
+        "        return x + self.lin(x)\n")
+    r = cli("eval", "--plugins", f, "--block", "unnormed", "--preset", "smoke", "--depths", "4,8",
+            "--set", "train.lr=1e8", "--set", "train.optimizer=sgd", "--set", "train.log_every=5",
+            "--set", "model.zero_head=false", "--runs-dir", tmp_path / "runs", "--out", tmp_path / "r.json")
+    assert r.returncode == 0, r.stderr
+    res = json.loads((tmp_path / "r.json").read_text())
+    failed = [run for run in res["runs"] if run["status"] == "failed"]
+    assert len(res["runs"]) == 2 and failed, "the unnormalised block should overflow at lr=1e8"
+    assert all(re.search(r"loss became (nan|inf) at step \d+", run["failure"]) for run in failed)
+    assert "run(s) failed" in r.stderr
+    if len(failed) == 2:
+        assert res["alpha_ell"]["value"] is None
