@@ -161,6 +161,9 @@ def build_model(block, block_kwargs: dict, depth: int, spec: InputSpec, width: i
         except TypeError as e:
             raise ArchbenchError(f"block {name!r} could not be built: {e} "
                                  "(a block takes keyword arguments dim, layer_idx, depth and its knobs)") from None
+        except Exception as e:
+            raise ArchbenchError(f"block {name!r} could not be built (width {width}, {block_kwargs}): "
+                                 f"{type(e).__name__}: {e}") from None
     if spec.kind == "vector":
         embed = VectorEmbed(spec.size, width)
     else:

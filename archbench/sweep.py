@@ -24,7 +24,7 @@ from rich.text import Text
 
 import archbench
 from archbench.env import environment, resolve_device
-from archbench.errors import UsageError, unknown
+from archbench.errors import ArchbenchError, UsageError, unknown
 from archbench.knobs import resolve
 from archbench.model import StreamModel, build_model, check_stream_shapes
 from archbench.records import RunStore, atomic_write_text, run_key
@@ -94,7 +94,12 @@ def resolve_config(spec: EvalSpec) -> dict:
 
 
 def make_task(entry: Entry, cfg: dict, device: torch.device):
-    return entry.obj(device=device, **cfg)
+    try:
+        return entry.obj(device=device, **cfg)
+    except ArchbenchError:
+        raise
+    except Exception as e:
+        raise ArchbenchError(f"task {entry.name!r} could not be built with {cfg}: {type(e).__name__}: {e}") from None
 
 
 def make_model(block: Entry, config: dict, depth: int, task) -> StreamModel:

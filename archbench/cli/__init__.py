@@ -48,6 +48,9 @@ def main(argv: list[str] | None = None) -> int:
     except ArchbenchError as e:
         err.print(f"archbench: error: {e}", markup=False, soft_wrap=True)
         return e.exit_code
+    except OSError as e:  # unwritable runs dir, full disk, ...: say which file
+        err.print(f"archbench: error: {e}", markup=False, soft_wrap=True)
+        return 1
     except KeyboardInterrupt:
         err.print("archbench: interrupted; finished runs are saved, rerun the same command to resume", markup=False,
                   soft_wrap=True)
