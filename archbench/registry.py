@@ -40,9 +40,10 @@ class Entry:
 
     @property
     def source_hash(self) -> str:
-        """Hash of the entry's source, so that editing a plugin invalidates its cached runs."""
+        """Hash of the source file that defines the entry: editing it (the entry or a helper beside
+        it, such as the teacher of a task) invalidates the entry's cached runs."""
         try:
-            src = inspect.getsource(self.obj)
+            src = inspect.getsource(inspect.getmodule(self.obj))
         except (OSError, TypeError):
             src = f"{getattr(self.obj, '__module__', '')}.{getattr(self.obj, '__qualname__', self.name)}"
         return hashlib.sha256(src.encode()).hexdigest()[:16]
