@@ -101,13 +101,19 @@ def _strip_optional(tp: Any) -> Any:
 
 
 def knobs_of(obj: Any) -> dict[str, Knob]:
-    """The knobs of a class or callable, in declaration order."""
+    """The knobs of a class or callable, in declaration order.
+
+    A class that passes ``**kwargs`` on to a shared part lists it in ``knobs_from`` so that the
+    part's knobs are its own too (e.g. every gated block forwards the transformer-branch knobs).
+    """
+    out: dict[str, Knob] = {}
+    for part in getattr(obj, "knobs_from", ()):
+        out.update(knobs_of(part))
     target = obj.__init__ if inspect.isclass(obj) else obj
     try:
         hints = typing.get_type_hints(target, include_extras=True)
     except Exception:  # unresolvable annotations in a user's file: fall back to the defaults' types
         hints = {}
-    out: dict[str, Knob] = {}
     for p in inspect.signature(target).parameters.values():
         if p.name in RESERVED or p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) or p.default is p.empty:
             continue

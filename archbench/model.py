@@ -115,7 +115,9 @@ class Trace:
 
 
 def taps(layer: nn.Module) -> dict[str, Tap]:
-    return {name: m for name, m in layer.named_modules() if isinstance(m, Tap)}
+    """A layer's taps by their own name ("attn_out", not "branch.attn_out"): evaluators look up
+    sublayers by role, whatever the block's internal layout."""
+    return {name.rsplit(".", 1)[-1]: m for name, m in layer.named_modules() if isinstance(m, Tap)}
 
 
 def trace(model: StreamModel, x, *, skip: Sequence[int] = (), sublayers: bool = True) -> Trace:

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import warnings
+from typing import Annotated, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from archbench.knobs import Range
 
 
 class ReLUSquared(nn.Module):
@@ -33,6 +36,8 @@ def make_norm(kind: str, dim: int) -> nn.Module:
         return nn.LayerNorm(dim)
     if kind == "rmsnorm-noweight":
         return RMSNormNoWeight()
+    if kind == "none":
+        return nn.Identity()
     raise ValueError(f"unknown norm {kind!r}")
 
 
@@ -44,15 +49,18 @@ class CausalSelfAttention(nn.Module):
 
     ``backend="sdpa"`` uses torch's fused scaled_dot_product_attention; ``"xformers"`` uses
     xformers' memory-efficient kernel on CUDA and falls back to sdpa (with one warning) elsewhere.
+    ``gate`` ("head" or "channel") multiplies the attention output by sigmoid(W x) before the output
+    projection (gated attention, Qiu et al. 2025).
     """
 
-    def __init__(self, dim: int, heads: int, *, bias: bool = False, backend: str = "sdpa"):
+    def __init__(self, dim: int, heads: int, *, bias: bool = False, backend: str = "sdpa", gate: str = "none"):
         super().__init__()
         if dim % heads:
             raise ValueError(f"width {dim} is not divisible by heads={heads}")
         self.heads, self.backend = heads, backend
         self.qkv = nn.Linear(dim, 3 * dim, bias=bias)
         self.proj = nn.Linear(dim, dim, bias=bias)
+        self.gate = {"none": None, "head": nn.Linear(dim, heads), "channel": nn.Linear(dim, dim)}[gate]
 
     def forward(self, x):
         B, T, C = x.shape
@@ -65,6 +73,8 @@ class CausalSelfAttention(nn.Module):
                 _warn_xformers_fallback()
             y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                                                is_causal=True).transpose(1, 2)
+        if self.gate is not None:  # (B, T, H, 1) per head or (B, T, H, Dh) per channel
+            y = y * torch.sigmoid(self.gate(x)).view(B, T, self.heads, -1)
         return self.proj(y.reshape(B, T, C))
 
 
@@ -82,3 +92,44 @@ def _warn_xformers_fallback():
         _warned_xformers = True
         warnings.warn("xformers attention runs on CUDA only (and needs `pip install archbench[xformers]`); "
                       "using torch scaled_dot_product_attention instead")
+
+
+class PreNormBranch(nn.Module):
+    """The update of a pre-norm transformer block without its skip connection:
+    u(x) = a + m with a = attn(norm1(x)) and m = mlp(norm2(x + a)), so that x + u(x) is the block.
+
+    With ``attention=False`` it is the attention-free branch m = mlp(norm(x)) for vector tasks.
+    Sublayer outputs pass through the taps ``attn_out`` and ``mlp_out`` (a_l and m_l).
+    """
+
+    def __init__(self, dim: int, *,
+                 heads: Annotated[int, Range(1, 16)] = 4,
+                 mlp_ratio: Annotated[int, Range(1, 8)] = 4,
+                 norm: Literal["rmsnorm", "layernorm"] = "rmsnorm",
+                 act: Literal["gelu", "relu2"] = "gelu",
+                 attention: bool = True,
+                 zero_init: bool = True,
+                 bias: bool = False,
+                 attn_backend: Literal["sdpa", "xformers"] = "sdpa",
+                 attn_gate: Literal["none", "head", "channel"] = "none"):
+        from timm.layers import Mlp
+
+        from archbench.model import Tap
+
+        super().__init__()
+        self.attn = None
+        if attention:
+            self.norm1 = make_norm(norm, dim)
+            self.attn = CausalSelfAttention(dim, heads, bias=bias, backend=attn_backend, gate=attn_gate)
+            self.attn_out = Tap()
+        self.norm2 = make_norm(norm, dim)
+        self.mlp = Mlp(dim, mlp_ratio * dim, act_layer=nn.GELU if act == "gelu" else ReLUSquared, bias=bias)
+        self.mlp_out = Tap()
+        if zero_init:  # u(x) = 0 at init, so x + u(x) starts as the identity
+            if self.attn is not None:
+                nn.init.zeros_(self.attn.proj.weight)
+            nn.init.zeros_(self.mlp.fc2.weight)
+
+    def forward(self, x):  # (B, T, C) -> (B, T, C)
+        a = self.attn_out(self.attn(self.norm1(x))) if self.attn is not None else 0.0
+        return a + self.mlp_out(self.mlp(self.norm2(x + a)))

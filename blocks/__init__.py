@@ -1,3 +1,3 @@
 """Built-in blocks, one file per family. Importing this package registers them."""
 
-from archbench.blocks import residual  # noqa: F401
+from archbench.blocks import gated, residual  # noqa: F401

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated
 
 import torch
 from timm.layers import DropPath, Mlp
@@ -11,7 +11,7 @@ from torch import nn
 import archbench
 from archbench.knobs import Range
 from archbench.model import Tap
-from archbench.nn import CausalSelfAttention, ReLUSquared, make_norm
+from archbench.nn import PreNormBranch, ReLUSquared
 
 PAPER_1 = "Liu et al. 2026, Inverse Depth Scaling From Most Layers Being Similar (arXiv 2602.05970)"
 
@@ -21,30 +21,16 @@ PAPER_1 = "Liu et al. 2026, Inverse Depth Scaling From Most Layers Being Similar
 class Residual(nn.Module):
     """Pre-norm transformer block: h + attn(norm(h)), then + mlp(norm(.)); causal attention."""
 
+    knobs_from = (PreNormBranch,)  # heads, mlp_ratio, norm, act, attention, zero_init, ...
+
     def __init__(self, dim: int, layer_idx: int, depth: int, *,
-                 heads: Annotated[int, Range(1, 16)] = 4,
-                 mlp_ratio: Annotated[int, Range(1, 8)] = 4,
-                 norm: Literal["rmsnorm", "layernorm"] = "rmsnorm",
-                 act: Literal["gelu", "relu2"] = "gelu",
-                 zero_init: bool = True,
-                 drop_path: Annotated[float, Range(0.0, 0.3)] = 0.0,
-                 bias: bool = False,
-                 attn_backend: Literal["sdpa", "xformers"] = "sdpa",
-                 **kwargs):
+                 drop_path: Annotated[float, Range(0.0, 0.3)] = 0.0, **branch):
         super().__init__()
-        self.norm1, self.norm2 = make_norm(norm, dim), make_norm(norm, dim)
-        self.attn = CausalSelfAttention(dim, heads, bias=bias, backend=attn_backend)
-        act_layer = nn.GELU if act == "gelu" else ReLUSquared
-        self.mlp = Mlp(dim, mlp_ratio * dim, act_layer=act_layer, bias=bias)
+        self.branch = PreNormBranch(dim, **branch)
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
-        self.attn_out, self.mlp_out = Tap(), Tap()  # a_l and m_l of the Csordás et al. notation
-        if zero_init:  # every block starts as the identity map
-            nn.init.zeros_(self.attn.proj.weight)
-            nn.init.zeros_(self.mlp.fc2.weight)
 
     def forward(self, x):  # (B, T, C) -> (B, T, C)
-        x = x + self.drop_path(self.attn_out(self.attn(self.norm1(x))))
-        return x + self.drop_path(self.mlp_out(self.mlp(self.norm2(x))))
+        return x + self.drop_path(self.branch(x))
 
 
 @archbench.register_block("residual-mlp", family="residual", identity_init=True, citation=PAPER_1)

@@ -127,7 +127,7 @@ def test_xformers_backend_matches_sdpa_on_cuda():
     x = inputs().cuda()
     ref = model(x)
     for layer in model.layers:
-        layer.attn.backend = "xformers"
+        layer.branch.attn.backend = "xformers"
     assert torch.allclose(model(x), ref, atol=1e-4)
 
 
@@ -137,10 +137,22 @@ def test_xformers_backend_falls_back_to_sdpa_off_cuda():
     x = inputs()
     ref = model(x)
     for layer in model.layers:
-        layer.attn.backend = "xformers"
+        layer.branch.attn.backend = "xformers"
     with pytest.warns(UserWarning, match="xformers attention runs on CUDA only"):
         import archbench.nn as ann
 
         ann._warned_xformers = False
         out = model(x)
     assert torch.allclose(out, ref)
+
+
+@pytest.mark.parametrize("name", BLOCKS.names())
+@pytest.mark.parametrize("task", ["teacher-student", "lm-char"])
+def test_every_block_trains_on_every_builtin_task(name, task, tmp_path):
+    from archbench.sweep import EvalSpec, run_eval
+
+    spec = EvalSpec(block=name, task=task, preset="smoke", depths=[1, 2], device="cpu", runs_dir=str(tmp_path),
+                    sets={"train": {"steps": "8", "log_every": "4"}, "model": {"width": "16"}})
+    res = run_eval(spec)
+    assert [r["status"] for r in res["runs"]] == ["ok", "ok"]
+    assert all(0 < r["final_loss"] < 10 for r in res["runs"])
