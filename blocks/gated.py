@@ -70,7 +70,7 @@ class LayerScale(nn.Module):
     knobs_from = (PreNormBranch,)
 
     def __init__(self, dim: int, layer_idx: int, depth: int, *,
-                 init: Annotated[float, Range(1e-6, 0.1, log=True)] | None = None,  # None: CaiT's rule by depth
+                 init: Annotated[float | None, Range(1e-6, 0.1, log=True)] = None,  # None: CaiT's rule by depth
                  granularity: Literal["channel", "scalar"] = "channel",
                  zero_init: bool = False,
                  **branch):
