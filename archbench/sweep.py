@@ -135,17 +135,17 @@ def run_eval(spec: EvalSpec, console=None) -> dict:
             det = run_determinants(block, task_entry, config, depth, seed)
             key = run_key(det)
             record = store.load(key)
-            cached = record is not None
+            cached, model = record is not None, None
             if record is None:
                 bar = progress.add_task(f"depth {depth} seed {seed}", total=train_cfg.steps, info="")
 
                 def on_log(step, loss, bar=bar):
                     progress.update(bar, completed=step, info=f"loss {loss:.4g}")
 
-                record = _train_one(block, task_entry, task, config, train_cfg, det, key, store, env, on_log)
+                record, model = _train_one(block, task_entry, task, config, train_cfg, det, key, store, env, on_log)
                 progress.remove_task(bar)
                 console.print(_run_line(record))
-            record = _model_evaluators(record, evaluators, store, block, config, task)
+            record = _model_evaluators(record, model, evaluators, store, block, config, task)
             runs.append({**{k: record[k] for k in ("depth", "effective_depth", "seed", "final_loss", "params",
                                                    "status", "wall_s", "key", "metrics")},
                          "failure": record.get("failure"), "cached": cached})
@@ -173,7 +173,7 @@ def run_eval(spec: EvalSpec, console=None) -> dict:
     return result
 
 
-def _train_one(block, task_entry, task, config, train_cfg, det, key, store, env, on_log) -> dict:
+def _train_one(block, task_entry, task, config, train_cfg, det, key, store, env, on_log):
     depth, seed = det["depth"], det["seed"]
     torch.manual_seed(seed)
     model = make_model(block, config, depth, task).to(task.device)
@@ -190,13 +190,12 @@ def _train_one(block, task_entry, task, config, train_cfg, det, key, store, env,
     torch.save(model.state_dict(), store.weights_path(key))
     store.save(record)
     ckpt.unlink(missing_ok=True)
-    record["_model"] = model
-    return record
+    return record, model
 
 
-def _model_evaluators(record, evaluators, store, block, config, task) -> dict:
+def _model_evaluators(record, model, evaluators, store, block, config, task) -> dict:
+    """Run the per-model evaluators a record lacks; ``model`` is None for a cached run (weights reloaded)."""
     todo = [n for n, ev in evaluators.items() if ev.kind == "model" and n not in record["metrics"]]
-    model = record.pop("_model", None)
     if not todo or record["status"] != "ok":
         return record
     if model is None:
