@@ -5,7 +5,10 @@ Two kinds, registered with ``@archbench.register_evaluator("name")``:
 - ``kind = "model"``: ``evaluate_model(model, task) -> dict`` on one trained model (runs after
   training; results are stored in the run record, so cached runs are not re-evaluated).
 - ``kind = "sweep"``: ``evaluate_sweep(runs, task) -> dict`` across the run records of a sweep
-  (e.g. the alpha_ell fit over depths).
+  (e.g. the alpha_ell fit over depths). When ``--set`` sweeps a knob too (``task.k=1,2,4``), a
+  sweep evaluator runs once per grid point with that point's runs and task, unless it sets
+  ``across_variants = True`` (e.g. depth-to-solve): then it gets every run (each with its ``vary``
+  dict) and ``task=None`` when there is more than one grid point.
 
 Results are plain JSON-ready numbers. ``plot(result, runs, path)`` may draw a PNG figure.
 Knobs are ``__init__`` keyword arguments, set with ``--set NAME.knob=value``.
@@ -20,6 +23,11 @@ from typing import ClassVar
 
 class Evaluator:
     kind: ClassVar[str] = "model"
+    across_variants: ClassVar[bool] = False
+
+    @classmethod
+    def check_task(cls, task) -> None:
+        """Raise ``UsageError`` before any training if this evaluator cannot serve ``task`` (a registry entry)."""
 
     def evaluate_model(self, model, task) -> dict:
         raise NotImplementedError
@@ -30,6 +38,11 @@ class Evaluator:
     def plot(self, result: dict, runs: list[dict], path: Path) -> bool:
         """Draw this evaluator's figure to ``path``; return False if it has none."""
         return False
+
+
+def variant_label(vary: dict) -> str:
+    """``{"task.k": 2, "task.pairs": 8}`` -> ``"k=2, pairs=8"`` (the grid point of a run)."""
+    return ", ".join(f"{k.split('.', 1)[1]}={v}" for k, v in vary.items())
 
 
 @contextlib.contextmanager

@@ -44,7 +44,22 @@ class Knob:
         base = _strip_optional(self.type)
         return get_args(base) if get_origin(base) is Literal else None
 
+    @property
+    def item_type(self) -> Any | None:
+        """The element type of a list knob (``tuple[int, ...]``, set as ``1,2,4``); None otherwise."""
+        base = _strip_optional(self.type)
+        return get_args(base)[0] if get_origin(base) in (tuple, list) and get_args(base) else None
+
+    def grid(self, text: Any, owner: str) -> list | None:
+        """The values of a sweep written ``a,b,c`` (None if ``text`` is one value): every knob but a
+        list knob reads commas as a sweep."""
+        if not isinstance(text, str) or "," not in text or self.item_type is not None:
+            return None
+        return [self.parse(part.strip(), owner) for part in text.split(",") if part.strip()]
+
     def describe_type(self) -> str:
+        if self.item_type is not None:
+            return f"{getattr(self.item_type, '__name__', self.item_type)},..."
         if self.choices:
             return "|".join(str(c) for c in self.choices)
         base = _strip_optional(self.type)
@@ -59,6 +74,9 @@ class Knob:
         if _is_optional(self.type) and text.lower() in ("none", "null"):
             return None
         base = _strip_optional(self.type)
+        if self.item_type is not None:
+            item = Knob(self.name, self.item_type, None)
+            return get_origin(base)(item.parse(part.strip(), owner) for part in text.split(",") if part.strip())
         if self.choices:
             for c in self.choices:
                 if str(c) == text:
@@ -131,12 +149,22 @@ def knobs_of(obj: Any) -> dict[str, Knob]:
     return out
 
 
-def resolve(obj: Any, owner: str, overrides: dict[str, Any]) -> dict[str, Any]:
-    """Defaults of ``obj``'s knobs updated by ``overrides`` (parsed, checked against the names)."""
+def resolve(obj: Any, owner: str, overrides: dict[str, Any], grid: dict[str, list] | None = None) -> dict[str, Any]:
+    """Defaults of ``obj``'s knobs updated by ``overrides`` (parsed, checked against the names).
+
+    An override written ``a,b,c`` is a sweep: with ``grid`` given, its values go to
+    ``grid["owner.name"]`` and the first stands in the result; without, it is an error."""
     knobs = knobs_of(obj)
     values = {k.name: k.default for k in knobs.values()}
     for name, raw in overrides.items():
         if name not in knobs:
             raise unknown(f"setting for {owner}", f"{owner}.{name}", [f"{owner}.{k}" for k in knobs])
-        values[name] = knobs[name].parse(raw, owner)
+        sweep = knobs[name].grid(raw, owner)
+        if sweep is not None and grid is None:
+            raise UsageError(f"{owner}.{name}={raw!r}: one value expected here, not a sweep")
+        if sweep is not None:
+            grid[f"{owner}.{name}"] = sweep
+            values[name] = sweep[0]
+        else:
+            values[name] = knobs[name].parse(raw, owner)
     return values

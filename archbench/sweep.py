@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import datetime
+import itertools
 import json
 import sys
 import warnings
@@ -25,6 +26,7 @@ from rich.text import Text
 import archbench
 from archbench.env import environment, resolve_device
 from archbench.errors import ArchbenchError, UsageError, unknown
+from archbench.evaluator import variant_label
 from archbench.knobs import knobs_of, resolve
 from archbench.model import Stack, StreamModel, build_model, check_stream_shapes
 from archbench.records import RunStore, atomic_write_text, run_key
@@ -49,14 +51,16 @@ class EvalSpec:
     recurrence: list[int] | None = None  # recurrent blocks: iteration counts, turned into effective depths
     seeds: int | None = None
     sets: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)  # section -> key -> raw value
-    evaluators: list[str] = dataclasses.field(default_factory=lambda: ["alpha-ell"])
+    evaluators: list[str] | None = None  # None: the task's default evaluators
     device: str = "auto"
     runs_dir: str = "runs"
     out: str | None = None
 
 
 def parse_sets(items: list[str]) -> dict[str, dict[str, str]]:
-    """``["task.teacher=tied", "train.lr=1e-3"]`` -> ``{"task": {"teacher": "tied"}, "train": {"lr": "1e-3"}}``."""
+    """``["task.teacher=tied", "train.lr=1e-3"]`` -> ``{"task": {"teacher": "tied"}, "train": {"lr": "1e-3"}}``.
+
+    A value ``a,b,c`` sweeps the knob over those values (see ``resolve_config``)."""
     out: dict[str, dict[str, str]] = {}
     for item in items:
         key, eq, value = item.partition("=")
@@ -68,9 +72,16 @@ def parse_sets(items: list[str]) -> dict[str, dict[str, str]]:
 
 
 def resolve_config(spec: EvalSpec) -> dict:
-    """Knob defaults < the task's preset < --set overrides < --depths/--seeds."""
+    """Knob defaults < the task's preset < --set overrides < --depths/--seeds.
+
+    ``--set task.k=1,2,4`` makes a grid: ``config["grid"]`` maps "task.k" to [1, 2, 4], the section
+    holds the first value, and the sweep runs every depth and seed at every grid point (a variant).
+    """
     block, task = BLOCKS.get(spec.block), TASKS.get(spec.task)
-    evaluators = {name: EVALUATORS.get(name) for name in spec.evaluators}
+    names = spec.evaluators if spec.evaluators is not None else list(task.obj.default_evaluators)
+    evaluators = {name: EVALUATORS.get(name) for name in names}
+    for e in evaluators.values():
+        e.obj.check_task(task)
     presets = task.obj.presets
     if spec.preset not in presets:
         raise unknown(f"preset for task {spec.task!r}", spec.preset, presets)
@@ -80,13 +91,14 @@ def resolve_config(spec: EvalSpec) -> dict:
             raise unknown("--set section", section, [*SECTIONS, *evaluators])
     targets = {"block": block.obj, "task": task.obj, "model": ModelConfig, "train": TrainConfig,
                **{name: e.obj for name, e in evaluators.items()}}
-    config: dict[str, Any] = {"preset": spec.preset}
+    config: dict[str, Any] = {"preset": spec.preset, "evaluators": names}
+    grid: dict[str, list] = {}
     for section, target in targets.items():
         suggested = preset.get(section, {})
         if section == "block":  # a preset suggests block knobs (e.g. attention=false on vectors) to blocks that have them
             suggested = {k: v for k, v in suggested.items() if k in knobs_of(target)}
         merged = {**suggested, **spec.sets.get(section, {})}
-        config[section] = resolve(target, section, merged)
+        config[section] = resolve(target, section, merged, grid if section in SECTIONS else None)
     depths = spec.depths if spec.depths is not None else preset.get("depths", [2, 4, 8])
     if spec.recurrence is not None:
         depths = recurrence_depths(block, config["block"], spec.recurrence)
@@ -95,11 +107,26 @@ def resolve_config(spec: EvalSpec) -> dict:
         raise UsageError(f"--depths {','.join(map(str, depths))}: depths must be positive integers")
     if seeds < 1:
         raise UsageError(f"--seeds {seeds}: need at least one seed")
+    config["grid"] = grid
     if isinstance(block.obj, type) and issubclass(block.obj, Stack):  # fail before any training
-        for d in depths:
-            block.obj.check_depth(d, config["block"])
+        for _, c in variants(config):
+            for d in depths:
+                block.obj.check_depth(d, c["block"])
     config["depths"], config["seeds"] = sorted(set(depths)), seeds
     return config
+
+
+def variants(config: dict) -> list[tuple[dict, dict]]:
+    """(vary, config) for every grid point: ``vary`` maps "section.knob" to its value there."""
+    keys, out = list(config.get("grid", {})), []
+    for values in itertools.product(*config.get("grid", {}).values()):
+        vary, c = dict(zip(keys, values)), copy.deepcopy(config)
+        for key, value in vary.items():
+            section, name = key.split(".", 1)
+            c[section][name] = value
+        out.append((vary, c))
+    return out
+
 
 
 def recurrence_depths(block: Entry, knobs: dict, recurrence: list[int]) -> list[int]:
@@ -140,56 +167,75 @@ def run_eval(spec: EvalSpec, console=None) -> dict:
     config = resolve_config(spec)
     device = resolve_device(spec.device)
     block, task_entry = BLOCKS.get(spec.block), TASKS.get(spec.task)
-    evaluators = {name: EVALUATORS.get(name).obj(**config[name]) for name in spec.evaluators}
+    evaluators = {name: EVALUATORS.get(name).obj(**config[name]) for name in config["evaluators"]}
     store = RunStore(spec.runs_dir)
     env = environment(device)
     train_cfg = TrainConfig(**config["train"])
-    task = make_task(task_entry, config["task"], device)
+    grid = variants(config)
+    tasks: dict[str, Any] = {}  # one task object per distinct task config
 
-    jobs = [(d, s) for d in config["depths"] for s in range(config["seeds"])]
+    def task_for(c):
+        key = run_key(c["task"])
+        if key not in tasks:
+            tasks[key] = make_task(task_entry, c["task"], device)
+        return tasks[key]
+
+    jobs = [(vary, c, d, s) for vary, c in grid for d in config["depths"] for s in range(config["seeds"])]
     runs = []
     columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), SpeedColumn(),
                TextColumn("{task.fields[info]}"), TimeElapsedColumn()]
     with Progress(*columns, console=console, transient=True) as progress:
         sweep_bar = progress.add_task("sweep", total=len(jobs), info="")
-        for depth, seed in jobs:
-            det = run_determinants(block, task_entry, config, depth, seed)
+        for vary, c, depth, seed in jobs:
+            task = task_for(c)
+            det = run_determinants(block, task_entry, c, depth, seed)
             key = run_key(det)
             record = store.load(key)
             cached, model = record is not None, None
+            where = (variant_label(vary) + ", " if vary else "") + f"depth {depth} seed {seed}"
             if record is None:
-                bar = progress.add_task(f"depth {depth} seed {seed}", total=train_cfg.steps, info="")
+                bar = progress.add_task(where, total=train_cfg.steps, info="")
 
                 def on_log(step, loss, bar=bar):
                     progress.update(bar, completed=step, info=f"loss {loss:.4g}")
 
-                record, model = _train_one(block, task_entry, task, config, train_cfg, det, key, store, env, on_log)
+                record, model = _train_one(block, task_entry, task, c, train_cfg, det, key, store, env, on_log)
                 progress.remove_task(bar)
-                console.print(_run_line(record))
-            record = _model_evaluators(record, model, evaluators, store, block, config, task)
+                console.print(_run_line(record, where))
+            record = _model_evaluators(record, model, evaluators, store, block, c, task)
             runs.append({**{k: record[k] for k in ("depth", "effective_depth", "seed", "final_loss", "params",
-                                                   "status", "wall_s", "key", "metrics")},
-                         "failure": record.get("failure"), "cached": cached})
+                                                   "status", "wall_s", "key", "metrics", "eval")},
+                         "solved": record.get("solved"), "vary": vary, "failure": record.get("failure"),
+                         "cached": cached})
             progress.advance(sweep_bar)
-
-    metrics = {name: ev.evaluate_sweep(runs, task) for name, ev in evaluators.items() if ev.kind == "sweep"}
-    for name, ev in evaluators.items():
-        if ev.kind == "model":
-            metrics[name] = {"per_run": {r["key"]: r["metrics"].get(name) for r in runs}}
-    alpha = metrics.get("alpha-ell", {})
-    result = {"block": spec.block, "task": spec.task, "config": config, "runs": runs,
-              "alpha_ell": {"value": alpha.get("value"), "ci95": alpha.get("ci95")}, "metrics": metrics,
-              "env": env, "command": sys.argv, "created": datetime.datetime.now(datetime.timezone.utc).isoformat()}
 
     out = Path(spec.out) if spec.out else (Path(spec.runs_dir) / "results" /
                                            f"{spec.block}__{spec.task}__{run_key(config)[:8]}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
-    plots = []
+    metrics, plots = {}, []
     for name, ev in evaluators.items():
-        path = out.with_suffix(f".{name}.png")
-        if name in metrics and ev.plot(metrics[name], runs, path):
-            plots.append(str(path))
-    result["files"] = {"result": str(out), "plots": plots}
+        if ev.kind == "model":
+            metrics[name] = {"per_run": {r["key"]: r["metrics"].get(name) for r in runs}}
+            if ev.plot(metrics[name], runs, path := out.with_suffix(f".{name}.png")):
+                plots.append(str(path))
+        elif ev.across_variants or len(grid) == 1:
+            metrics[name] = ev.evaluate_sweep(runs, task_for(grid[0][1]) if len(grid) == 1 else None)
+            if ev.plot(metrics[name], runs, path := out.with_suffix(f".{name}.png")):
+                plots.append(str(path))
+        else:  # a per-variant sweep evaluator (alpha_ell): once per grid point, with that point's task
+            metrics[name] = {"variants": []}
+            for vary, c in grid:
+                rs = [r for r in runs if r["vary"] == vary]
+                res = {"vary": vary, **ev.evaluate_sweep(rs, task_for(c))}
+                metrics[name]["variants"].append(res)
+                label = variant_label(vary).replace(", ", "_").replace("=", "-")
+                if ev.plot(res, rs, path := out.with_suffix(f".{name}.{label}.png")):
+                    plots.append(str(path))
+    alpha = metrics.get("alpha-ell", {})
+    result = {"block": spec.block, "task": spec.task, "config": config, "runs": runs,
+              "alpha_ell": {"value": alpha.get("value"), "ci95": alpha.get("ci95")}, "metrics": metrics,
+              "env": env, "command": sys.argv, "created": datetime.datetime.now(datetime.timezone.utc).isoformat(),
+              "files": {"result": str(out), "plots": plots}}
     atomic_write_text(out, json.dumps(result, indent=1, default=str))
     return result
 
@@ -206,6 +252,7 @@ def _train_one(block, task_entry, task, config, train_cfg, det, key, store, env,
               "effective_depth": model.effective_depth, "seed": seed, "status": outcome.status,
               "final_loss": outcome.final_loss, "eval": outcome.metrics, "failure": outcome.failure,
               "steps_done": outcome.steps_done, "history": outcome.history, "wall_s": round(outcome.train_s, 3),
+              "solved": task.solved(outcome.metrics) if outcome.status == "ok" else False,
               "params": sum(p.numel() for p in model.parameters()), "metrics": {}, "env": env,
               "finished": datetime.datetime.now(datetime.timezone.utc).isoformat()}
     torch.save(model.state_dict(), store.weights_path(key))
@@ -241,7 +288,8 @@ class SpeedColumn(ProgressColumn):
         return Text(f"{speed:,.1f} it/s" if speed and task.description != "sweep" else "")
 
 
-def _run_line(r: dict) -> str:
+def _run_line(r: dict, where: str) -> str:
     if r["status"] != "ok":
-        return f"depth {r['depth']:>3} seed {r['seed']}: [red]failed[/] ({r['failure']})"
-    return f"depth {r['depth']:>3} seed {r['seed']}: loss {r['final_loss']:.5g}  ({r['wall_s']:.1f} s)"
+        return f"{where}: [red]failed[/] ({r['failure']})"
+    solved = {True: "  solved", False: "  not solved", None: ""}[r.get("solved")]
+    return f"{where}: loss {r['final_loss']:.5g}{solved}  ({r['wall_s']:.1f} s)"

@@ -1,9 +1,14 @@
-"""What a task is: it makes batches on its device, defines the loss, and evaluates a model.
+"""What a task is: it makes batches on its device, defines the loss, evaluates a model and says
+when the model counts as having solved it.
 
 A task class is registered with ``@archbench.register_task("name")``; its knobs are keyword
 arguments of ``__init__`` (after ``device``). ``presets`` names budgets; each
 preset maps config sections (``task``, ``model``, ``train``, ``block``) to values, plus
 ``depths`` and ``seeds``, and every value can be overridden with ``--set``.
+
+``SequenceTask`` is the base of the synthetic token tasks: a subclass only writes ``sample``
+(problems and their labels); the base keeps a fixed held-out set, keeps held-out problems out of
+training batches, and scores per-position accuracy.
 """
 
 from __future__ import annotations
@@ -11,9 +16,15 @@ from __future__ import annotations
 import contextlib
 from typing import Any, ClassVar
 
+import numpy as np
 import torch
+import torch.nn.functional as F
 
+from archbench.errors import UsageError
 from archbench.model import InputSpec
+
+IGNORE = -100  # label of a position that is not scored (F.cross_entropy's ignore_index)
+EVAL_STREAM = 1_000_003  # offset of the held-out set's seed from the task's data seed
 
 
 class Task:
@@ -22,6 +33,11 @@ class Task:
     # Additive loss floor for the alpha_ell fit: 0 where the loss is a divergence to a known
     # target (KL), None where it is unknown and must be fitted (language modelling).
     loss_floor: ClassVar[float | None] = 0.0
+    # Evaluators that `archbench eval` runs when none are named.
+    default_evaluators: ClassVar[tuple[str, ...]] = ("alpha-ell",)
+    # "Solved" means held-out ``solve_metric`` >= ``solve_at``; None: the task has no such notion.
+    solve_metric: ClassVar[str | None] = None
+    solve_at: ClassVar[float] = 0.99
 
     def __init__(self, *, device: str | torch.device = "cpu"):
         self.device = torch.device(device)
@@ -37,16 +53,25 @@ class Task:
         """The fixed held-out set: the same for every run of this task configuration."""
         raise NotImplementedError
 
-    def metrics(self, logits: torch.Tensor, targets: torch.Tensor) -> dict[str, float]:
+    def metrics(self, logits: torch.Tensor, targets: torch.Tensor) -> dict[str, float | list[float]]:
         """Extra per-batch held-out metrics besides the loss (averaged over the eval batches)."""
         return {}
 
+    def set_progress(self, fraction: float) -> None:
+        """Called before every training step with the fraction of training done (for curricula)."""
+
+    def solved(self, metrics: dict) -> bool | None:
+        """Whether held-out ``metrics`` count as solving the task (None: no such notion)."""
+        if self.solve_metric is None or self.solve_metric not in metrics:
+            return None
+        return bool(metrics[self.solve_metric] >= self.solve_at)
+
     @torch.no_grad()
-    def evaluate(self, model: torch.nn.Module, batch_size: int, autocast=None) -> dict[str, float]:
-        """Mean held-out loss (and the task's metrics) over the fixed eval batches."""
+    def evaluate(self, model: torch.nn.Module, batch_size: int, autocast=None) -> dict[str, Any]:
+        """Mean held-out loss and the task's metrics over the fixed eval batches (lists elementwise)."""
         was_training = model.training
         model.eval()
-        totals: dict[str, float] = {}
+        totals: dict[str, Any] = {}
         batches = self.eval_batches(batch_size)
         for x, y in batches:
             with autocast or contextlib.nullcontext():
@@ -54,7 +79,87 @@ class Task:
             logits = logits.float()
             vals = {"loss": self.loss(logits, y).item(), **self.metrics(logits, y)}
             for k, v in vals.items():
-                totals[k] = totals.get(k, 0.0) + v / len(batches)
+                totals[k] = totals.get(k, 0.0) + np.asarray(v, dtype=float) / len(batches)
         model.train(was_training)
-        return totals
+        return {k: v.tolist() for k, v in totals.items()}
+
+
+def fingerprint(x: torch.Tensor) -> torch.Tensor:
+    """A 64-bit hash per row of a (B, T) token tensor (random weights < 2^31, so no overflow for T·vocab < 2^32)."""
+    g = torch.Generator().manual_seed(0x5EED)
+    weights = torch.randint(1, 2 ** 31 - 1, (x.shape[1],), generator=g, dtype=torch.long).to(x.device)
+    return ((x.long() + 1) * weights).sum(-1)
+
+
+class SequenceTask(Task):
+    """Token sequences in, a class at some positions out (``IGNORE`` elsewhere).
+
+    A subclass sets ``self.input`` and calls ``self.setup(seed, eval_size)`` at the end of its
+    ``__init__``; it writes ``sample(n, generator) -> (x, y)`` with x (n, T) token ids and y (n, T)
+    labels. The held-out set is ``eval_size`` problems drawn from seed ``seed + EVAL_STREAM``;
+    a training problem equal to a held-out one is redrawn, so held-out accuracy measures
+    generalisation even where the space of problems is small.
+    """
+
+    loss_floor = 0.0  # labels are deterministic: a perfect model has zero loss
+    default_evaluators = ("depth-to-solve",)
+    solve_metric = "accuracy"
+    per_position: ClassVar[bool] = False  # report accuracy at every position (running-state tasks)
+
+    def sample(self, n: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
+
+    def problem_count(self) -> int | None:
+        """The number of distinct problems, where it is small enough to matter (None: vast)."""
+        return None
+
+    def setup(self, seed: int, eval_size: int) -> None:
+        count = self.problem_count()
+        if count is not None and eval_size > count // 4:
+            raise UsageError(f"task.eval_size={eval_size}: this configuration has only {count} distinct "
+                             f"problems, so a held-out set that large leaves too few to train on; "
+                             f"use eval_size <= {count // 4} or a larger problem space")
+        g = torch.Generator(device=self.device).manual_seed(seed + EVAL_STREAM)
+        self.heldout = self.sample(eval_size, g)
+        self._heldout_fp = torch.unique(fingerprint(self.heldout[0]))
+
+    def batch(self, batch_size, generator):
+        x, y = self.sample(batch_size, generator)
+        for _ in range(1000):
+            clash = torch.isin(fingerprint(x), self._heldout_fp)
+            if not clash.any():
+                return x, y
+            x2, y2 = self.sample(int(clash.sum()), generator)
+            x, y = x.clone(), y.clone()
+            x[clash], y[clash] = x2, y2
+        raise UsageError(f"task {type(self).__name__}: could not draw training problems outside the held-out set; "
+                         f"the problem space is too small for task.eval_size")
+
+    def eval_batches(self, batch_size):
+        x, y = self.heldout
+        return list(zip(x.split(batch_size), y.split(batch_size)))
+
+    def loss(self, logits, targets):
+        return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE)
+
+    def metrics(self, logits, targets):
+        labelled = targets != IGNORE
+        right = (logits.argmax(-1) == targets) & labelled
+        out = {"accuracy": (right.sum() / labelled.sum()).item(),
+               "sequence_accuracy": (right == labelled).all(-1).float().mean().item()}
+        if self.per_position:
+            by_pos = right.sum(0) / labelled.sum(0).clamp(min=1)
+            out["accuracy_by_position"] = by_pos.tolist()
+            out["worst_position_accuracy"] = by_pos[labelled.any(0)].min().item()
+        return out
+
+    def evaluate(self, model, batch_size, autocast=None):
+        out = super().evaluate(model, batch_size, autocast)
+        if "worst_position_accuracy" in out:  # the minimum of the averaged per-position accuracies
+            out["worst_position_accuracy"] = min(a for a, n in zip(out["accuracy_by_position"], self._labelled_at())
+                                                 if n)
+        return out
+
+    def _labelled_at(self) -> list[int]:
+        return (self.heldout[1] != IGNORE).sum(0).tolist()
 

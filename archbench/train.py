@@ -106,6 +106,7 @@ def train(model: torch.nn.Module, task: Task, cfg: TrainConfig, *, seed: int, de
 
     t0 = time.perf_counter() - elapsed
     for step in range(start, cfg.steps):
+        task.set_progress(step / cfg.steps)
         x, y = task.batch(cfg.batch_size, gen)
         with autocast_for(device, cfg.precision):
             logits = model(x)

@@ -20,13 +20,11 @@ class TestTimeDepth(Evaluator):
 
     kind = "model"
 
-    def __init__(self, recurrence: str = "1,2,4,8,16,32", batch_size: int = 256):
-        try:
-            self.recurrence = sorted({int(r) for r in recurrence.split(",") if r.strip()})
-        except ValueError:
-            raise UsageError(f"test-time-depth.recurrence={recurrence!r}: expected iteration counts such as 1,2,4,8") from None
+    def __init__(self, recurrence: tuple[int, ...] = (1, 2, 4, 8, 16, 32), batch_size: int = 256):
+        self.recurrence = sorted(set(recurrence))
         if not self.recurrence or self.recurrence[0] < 1:
-            raise UsageError(f"test-time-depth.recurrence={recurrence!r}: iteration counts must be positive")
+            raise UsageError(f"test-time-depth.recurrence={','.join(map(str, recurrence))}: "
+                             f"iteration counts must be positive, e.g. 1,2,4,8")
         self.batch_size = batch_size
 
     def evaluate_model(self, model, task) -> dict:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from archbench.errors import UsageError
+from archbench.evaluator import variant_label
 
 NAME = "eval"
 HELP = "train a block at several depths on a task, fit alpha_ell, write result JSON and plots"
@@ -25,8 +26,10 @@ def add_arguments(p):
                         "(replaces --depths; effective depth = prelude + r*core + coda)")
     p.add_argument("--seeds", type=int, default=None, help="seeds per depth (default: preset's)")
     p.add_argument("--set", dest="sets", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                   help="override a knob: task.teacher=tied, train.steps=2000, model.width=32, block.heads=2")
-    p.add_argument("--evaluators", default="alpha-ell", help="comma-separated evaluator names")
+                   help="override a knob: task.teacher=tied, train.steps=2000, model.width=32, block.heads=2; "
+                        "a comma list sweeps it: task.k=1,2,4")
+    p.add_argument("--evaluators", default=None,
+                   help="comma-separated evaluator names (default: the task's, e.g. alpha-ell or depth-to-solve)")
     p.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda, cuda:N")
     p.add_argument("--runs-dir", default="runs", help="where run records and results go (default: ./runs)")
     p.add_argument("--out", default=None, help="result JSON path (plots are written beside it)")
@@ -34,35 +37,22 @@ def add_arguments(p):
 
 def run(args) -> int:
     from rich.console import Console
-    from rich.table import Table
 
     from archbench.sweep import EvalSpec, parse_sets, run_eval
 
     spec = EvalSpec(block=args.block, task=args.task, preset=args.preset,
                     depths=_int_list(args.depths) if args.depths else None, seeds=args.seeds,
                     recurrence=_int_list(args.recurrence, "--recurrence") if args.recurrence else None,
-                    sets=parse_sets(args.sets), evaluators=[e for e in args.evaluators.split(",") if e],
+                    sets=parse_sets(args.sets),
+                    evaluators=[e for e in args.evaluators.split(",") if e] if args.evaluators else None,
                     device=args.device, runs_dir=args.runs_dir, out=args.out)
     err = Console(stderr=True, highlight=False)
     result = run_eval(spec, console=err)
 
     console = Console(highlight=False)
-    table = Table(title=f"{result['block']} on {result['task']} ({result['config']['preset']}, {result['env']['device']})")
-    for col in ("depth", "seed", "params", "test loss", "status", "train s", "cached"):
-        table.add_column(col, justify="right")
-    for r in result["runs"]:
-        loss = f"{r['final_loss']:.5g}" if r["status"] == "ok" else r.get("failure") or "-"
-        table.add_row(str(r["depth"]), str(r["seed"]), f"{r['params']:,}", loss, r["status"], f"{r['wall_s']:.1f}",
-                      "yes" if r["cached"] else "")
-    console.print(table)
-    a = result["alpha_ell"]
-    if a["value"] is not None:
-        ci = a["ci95"]
-        ci_txt = f"  95% CI [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else ""
-        note = result["metrics"].get("alpha-ell", {}).get("note")
-        console.print(f"alpha_ell = {a['value']:.3f}{ci_txt}" + (f"  ({note})" if note else ""))
-    else:
-        console.print(f"alpha_ell: not fitted ({result['metrics'].get('alpha-ell', {}).get('note', 'no runs')})")
+    console.print(runs_table(result))
+    for line in summary_lines(result):
+        console.print(line)
     console.print(f"result: {result['files']['result']}")
     for p in result["files"]["plots"]:
         console.print(f"plot:   {p}")
@@ -70,3 +60,44 @@ def run(args) -> int:
     if failed:
         err.print(f"[yellow]{failed} run(s) failed; see the table[/]")
     return 0
+
+
+def runs_table(result):
+    from rich.table import Table
+
+    runs = result["runs"]
+    gridded = any(r["vary"] for r in runs)
+    judged = any(r.get("solved") is not None for r in runs)
+    table = Table(title=f"{result['block']} on {result['task']} ({result['config']['preset']}, {result['env']['device']})")
+    for col in ["variant"] * gridded + ["depth", "seed", "params", "test loss"] + ["solved"] * judged + [
+            "status", "train s", "cached"]:
+        table.add_column(col, justify="left" if col == "variant" else "right")
+    for r in runs:
+        loss = f"{r['final_loss']:.5g}" if r["status"] == "ok" else r.get("failure") or "-"
+        row = [variant_label(r["vary"])] * gridded + [str(r["depth"]), str(r["seed"]), f"{r['params']:,}", loss]
+        row += [{True: "yes", False: "no", None: "-"}[r.get("solved")]] * judged
+        table.add_row(*row, r["status"], f"{r['wall_s']:.1f}", "yes" if r["cached"] else "")
+    return table
+
+
+def summary_lines(result) -> list[str]:
+    """One line per sweep-evaluator result: alpha_ell (per grid point) and depth-to-solve."""
+    lines = []
+    metrics = result["metrics"]
+    if "alpha-ell" in metrics:
+        alpha = metrics["alpha-ell"]
+        for a in alpha.get("variants", [alpha]):
+            where = f" ({variant_label(a['vary'])})" if a.get("vary") else ""
+            if a.get("value") is None:
+                lines.append(f"alpha_ell{where}: not fitted ({a.get('note', 'no runs')})")
+                continue
+            ci = f"  95% CI [{a['ci95'][0]:.3f}, {a['ci95'][1]:.3f}]" if a.get("ci95") else ""
+            lines.append(f"alpha_ell{where} = {a['value']:.3f}{ci}" + (f"  ({a['note']})" if a.get("note") else ""))
+    if "depth-to-solve" in metrics:
+        for row in metrics["depth-to-solve"]["difficulties"]:
+            d = row["depth_to_solve"]
+            got = f"depth {d}" if d is not None else f"not solved up to depth {row['max_depth_tried']}"
+            lines.append(f"depth to solve ({row['label']}): {got}")
+        if "layers_per_step" in metrics["depth-to-solve"]:
+            lines.append(f"layers per step of difficulty: {metrics['depth-to-solve']['layers_per_step']:.2f}")
+    return lines

@@ -1,0 +1,137 @@
+"""The word problem of a finite group: the running product of a sequence of group elements.
+
+Input: g_1 ... g_T, each an element of G; label at position t: g_1·g_2·…·g_t. This is state
+tracking. For a solvable group (``Z60``, ``A4xZ5``, 60 elements each) a fixed-depth transformer
+can shortcut it; for a non-solvable one (``S5``, 120 elements, or ``A5``) it needs depth that
+grows with T (Liu et al. 2023, Merrill et al. 2024). Groups are written S<n>, A<n>, Z<n>, D<n>
+(dihedral, 2n elements) and products of them joined by ``x``; elements are permutations and a
+product applies the left factor first: (a·b)(i) = b(a(i)).
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+import re
+from typing import Annotated
+
+import torch
+
+import archbench
+from archbench.errors import UsageError
+from archbench.knobs import Range
+from archbench.model import InputSpec
+from archbench.task import SequenceTask
+
+Perm = tuple[int, ...]
+
+
+def compose(a: Perm, b: Perm) -> Perm:
+    """a then b: i -> b[a[i]]."""
+    return tuple(b[i] for i in a)
+
+
+def cycle(n: int, points: list[int]) -> Perm:
+    p = list(range(n))
+    for i, j in zip(points, points[1:] + points[:1]):
+        p[i] = j
+    return tuple(p)
+
+
+def generated(gens: list[Perm], n: int) -> list[Perm]:
+    """All elements of the group the permutations ``gens`` generate, identity first, then sorted."""
+    identity = tuple(range(n))
+    seen, frontier = {identity}, [identity]
+    while frontier:
+        frontier = [c for a in frontier for g in gens if (c := compose(a, g)) not in seen and not seen.add(c)]
+    return [identity] + sorted(seen - {identity})
+
+
+def _factor(name: str) -> tuple[int, list[Perm]]:
+    m = re.fullmatch(r"([SAZD])(\d+)", name)
+    if not m or int(m[2]) < 1:
+        raise UsageError(f"task.group: {name!r} is not a group name; use S<n>, A<n>, Z<n>, D<n> or a product "
+                         f"such as A4xZ5")
+    kind, n = m[1], int(m[2])
+    if kind == "Z":
+        return n, [cycle(n, list(range(n)))]
+    if kind == "D":
+        return n, [cycle(n, list(range(n))), tuple((-i) % n for i in range(n))]
+    if kind == "S":
+        return n, [cycle(n, [0, 1]), cycle(n, list(range(n)))] if n > 1 else [tuple(range(n))]
+    return n, [cycle(n, [0, 1, i]) for i in range(2, n)] or [tuple(range(n))]  # A_n: 3-cycles
+
+
+@functools.lru_cache(maxsize=None)
+def group_elements(name: str) -> list[Perm]:
+    """The elements of a named group (a direct product acts on the disjoint union of its factors' points)."""
+    factors = [_factor(f) for f in name.split("x")]
+    total, gens, offset = sum(n for n, _ in factors), [], 0
+    for n, fgens in factors:
+        for g in fgens:
+            gens.append(tuple(range(offset)) + tuple(offset + i for i in g) + tuple(range(offset + n, total)))
+        offset += n
+    elements = generated(gens, total)
+    if len(elements) > 5000:
+        raise UsageError(f"task.group={name!r} has {len(elements)} elements; the task supports up to 5000")
+    return elements
+
+
+def solvable(elements: list[Perm]) -> bool:
+    """Whether the derived series G ⊇ [G,G] ⊇ ... reaches the trivial group."""
+    n = len(elements[0])
+    current = elements
+    while len(current) > 1:
+        inverse = {g: tuple(sorted(range(n), key=g.__getitem__)) for g in current}
+        comms = {compose(compose(inverse[a], inverse[b]), compose(a, b)) for a, b in itertools.product(current, current)}
+        derived = generated(sorted(comms), n)
+        if len(derived) == len(current):
+            return False
+        current = derived
+    return True
+
+
+def multiplication_table(elements: list[Perm]) -> torch.Tensor:
+    index = {g: i for i, g in enumerate(elements)}
+    return torch.tensor([[index[compose(a, b)] for b in elements] for a in elements], dtype=torch.long)
+
+
+@archbench.register_task("word-problem", family="compositional",
+                         citation="Liu et al. 2023, Transformers Learn Shortcuts to Automata (arXiv 2210.10749); "
+                                  "Merrill et al. 2024, The Illusion of State in State-Space Models")
+class WordProblem(SequenceTask):
+    """Running product of group elements at every position: S5 (not solvable) against A4xZ5 or Z60 (solvable)."""
+
+    per_position = True
+    solve_metric = "worst_position_accuracy"  # every position, the longest product included
+    presets = {
+        "smoke": {"depths": [1, 2], "seeds": 1, "task": {"group": "A4xZ5", "seq_len": 8, "eval_size": 256},
+                  "model": {"width": 32}, "train": {"steps": 60, "batch_size": 64, "lr": 3e-3}},
+        "quick": {"depths": [1, 2, 4, 8], "seeds": 1, "task": {"seq_len": 16}, "model": {"width": 64},
+                  "train": {"steps": 3000, "batch_size": 128, "lr": 1e-3, "schedule": "cosine",
+                            "warmup_frac": 0.05, "grad_clip": 1.0}},
+        "paper": {"depths": [1, 2, 4, 8, 12, 16], "seeds": 1, "task": {"seq_len": 64}, "model": {"width": 256},
+                  "train": {"steps": 20_000, "batch_size": 256, "lr": 1e-3, "schedule": "cosine",
+                            "warmup_frac": 0.02, "grad_clip": 1.0}},
+    }
+
+    def __init__(self, *, device="cpu", group: str = "S5",
+                 seq_len: Annotated[int, Range(4, 128)] = 16,
+                 data_seed: int = 0, eval_size: int = 1024):
+        super().__init__(device=device)
+        self.elements = group_elements(group)
+        self.table = multiplication_table(self.elements).to(self.device)
+        self.seq_len = seq_len
+        self.input = InputSpec("tokens", size=len(self.elements), out_dim=len(self.elements), seq_len=seq_len)
+        self.setup(data_seed, eval_size)
+
+    def problem_count(self):
+        count = len(self.elements) ** self.seq_len
+        return count if count < 10 ** 9 else None
+
+    def sample(self, n, generator):
+        x = torch.randint(0, len(self.elements), (n, self.seq_len), generator=generator, device=self.device)
+        prods = [x[:, 0]]
+        for t in range(1, self.seq_len):
+            prods.append(self.table[prods[-1], x[:, t]])
+        return x, torch.stack(prods, 1)
