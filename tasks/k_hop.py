@@ -57,7 +57,7 @@ class KHop(SequenceTask):
                              f"the answer can lie outside the chain")
         self.k, self.pairs, self.alphabet = k, pairs, alphabet
         self.curriculum, self.curriculum_frac = curriculum, curriculum_frac
-        self.k_now = k
+        self.k_now: int | None = None  # None: every example at exactly k (no curriculum; the held-out set)
         # tokens: symbols 0..alphabet-1, then one "hop count" token per k in 1..pairs
         self.input = InputSpec("tokens", size=alphabet + pairs, out_dim=alphabet, seq_len=2 * pairs + 2)
         self.setup(data_seed, eval_size)
@@ -68,7 +68,10 @@ class KHop(SequenceTask):
 
     def sample(self, n, generator):
         A, P, dev = self.alphabet, self.pairs, self.device
-        k = torch.randint(1, self.k_now + 1, (n, 1), generator=generator, device=dev)  # hops per example
+        if self.k_now is None:
+            k = torch.full((n, 1), self.k, device=dev)
+        else:  # curriculum: hops per example uniform in 1..k_now
+            k = torch.randint(1, self.k_now + 1, (n, 1), generator=generator, device=dev)
         perm = torch.rand(n, A, generator=generator, device=dev).argsort(-1)  # distinct symbols
         keys = perm[:, :P]  # keys[:, :k] is the chain q = keys[:, 0] -> keys[:, 1] -> ...
         # the answer: a symbol outside the chain (any of perm[:, k:], not only non-keys)

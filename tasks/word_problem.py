@@ -131,7 +131,11 @@ class WordProblem(SequenceTask):
 
     def sample(self, n, generator):
         x = torch.randint(0, len(self.elements), (n, self.seq_len), generator=generator, device=self.device)
+        return x, self.running_product(x)
+
+    def running_product(self, x: torch.Tensor) -> torch.Tensor:
+        """Element indices of g_1·…·g_t at every position t of ``x`` (element indices)."""
         prods = [x[:, 0]]
-        for t in range(1, self.seq_len):
+        for t in range(1, x.shape[1]):
             prods.append(self.table[prods[-1], x[:, t]])
-        return x, torch.stack(prods, 1)
+        return torch.stack(prods, 1)

@@ -1,0 +1,260 @@
+"""The compositional tasks: shapes, determinism, held-out separation and hand-worked labels."""
+
+import math
+import re
+
+import pytest
+import torch
+
+from archbench.errors import UsageError
+from archbench.registry import TASKS
+from archbench.task import IGNORE, SequenceTask, fingerprint
+from archbench.tasks.cfg_language import Grammar, generate
+from archbench.tasks.word_problem import compose, group_elements, solvable
+
+SMALL = {
+    "k-hop": {"k": 3, "pairs": 6, "alphabet": 10, "eval_size": 128},
+    "word-problem": {"group": "S5", "seq_len": 6, "eval_size": 128},
+    "variable-binding": {"hops": 3, "distractors": 2, "names": 12, "eval_size": 128},
+    "modular-chain": {"n": 3, "p": 11, "eval_size": 128},
+    "cfg-language": {"nesting": 3, "seq_len": 24, "eval_size": 128},
+}
+
+
+def make(name, **kw):
+    return TASKS.get(name).obj(device="cpu", **{**SMALL[name], **kw})
+
+
+def test_every_sequence_task_is_tested_here():
+    seq_tasks = {e.name for e in TASKS.entries() if isinstance(e.obj, type) and issubclass(e.obj, SequenceTask)}
+    assert seq_tasks == set(SMALL)
+
+
+@pytest.mark.parametrize("name", sorted(SMALL))
+def test_shapes_dtypes_and_label_ranges(name):
+    task = make(name)
+    x, y = task.batch(32, torch.Generator().manual_seed(0))
+    assert x.shape == y.shape == (32, task.input.seq_len)
+    assert x.dtype == y.dtype == torch.long
+    assert 0 <= x.min() and x.max() < task.input.size
+    labelled = y[y != IGNORE]
+    assert labelled.numel() > 0 and 0 <= labelled.min() and labelled.max() < task.input.out_dim
+    # a model that outputs uniform logits has loss log(out_dim)
+    uniform = torch.zeros(32, task.input.seq_len, task.input.out_dim)
+    assert task.loss(uniform, y).item() == pytest.approx(math.log(task.input.out_dim), rel=1e-5)
+
+
+@pytest.mark.parametrize("name", sorted(SMALL))
+def test_determinism_and_fixed_heldout_set(name):
+    a, b = make(name), make(name)
+    xa, ya = a.batch(16, torch.Generator().manual_seed(3))
+    xb, yb = b.batch(16, torch.Generator().manual_seed(3))
+    assert torch.equal(xa, xb) and torch.equal(ya, yb)
+    assert not torch.equal(xa, a.batch(16, torch.Generator().manual_seed(4))[0])
+    assert all(torch.equal(p[0], q[0]) and torch.equal(p[1], q[1]) for p, q in zip(a.eval_batches(50), b.eval_batches(50)))
+    assert sum(len(x) for x, _ in a.eval_batches(50)) == 128
+    other = make(name, data_seed=1)  # another data seed, another held-out set
+    assert not torch.equal(other.heldout[0], a.heldout[0])
+
+
+@pytest.mark.parametrize("name", sorted(SMALL))
+def test_heldout_problems_never_appear_in_training_batches(name):
+    task = make(name)
+    held = set(fingerprint(task.heldout[0]).tolist())
+    g = torch.Generator().manual_seed(0)
+    for _ in range(20):
+        assert not held & set(fingerprint(task.batch(256, g)[0]).tolist())
+
+
+def test_small_problem_space_redraws_heldout_problems_and_refuses_too_large_heldout():
+    task = TASKS.get("modular-chain").obj(device="cpu", n=2, p=11, eval_size=30)  # 121 problems
+    held = {tuple(r) for r in task.heldout[0].tolist()}
+    seen = set()
+    g = torch.Generator().manual_seed(0)
+    for _ in range(20):
+        seen |= {tuple(r) for r in task.batch(64, g)[0].tolist()}
+    assert not seen & held and len(seen) + len(held) > 100  # the rest of the space is still drawn
+    with pytest.raises(UsageError, match="only 121 distinct problems"):
+        TASKS.get("modular-chain").obj(device="cpu", n=2, p=11, eval_size=100)
+
+
+# --- k-hop -----------------------------------------------------------------------------------
+
+def follow(x, alphabet):
+    """Reference: parse ``k1 v1 ... kP vP <hop k> q`` and follow q for k hops."""
+    *pairs, hop, q = x
+    f = dict(zip(pairs[0::2], pairs[1::2]))
+    for _ in range(hop - alphabet + 1):
+        q = f[q]
+    return q
+
+
+def test_k_hop_hand_worked_three_hop_chain():
+    # 5 -> 2 -> 7 -> 1 among distractors 3 -> 5 and 4 -> 4; alphabet 8, hop token for k = 3 is 8 + 2
+    x = [3, 5, 7, 1, 2, 7, 4, 4, 5, 2, 10, 5]
+    assert follow(x, alphabet=8) == 1
+    assert follow(x[:-2] + [8, 5], alphabet=8) == 2  # k = 1: a single lookup
+
+
+@pytest.mark.parametrize("k", [1, 3, 6])
+def test_k_hop_labels_follow_the_chain(k):
+    task = make("k-hop", k=k)
+    x, y = task.batch(300, torch.Generator().manual_seed(k))
+    assert (y[:, :-1] == IGNORE).all()
+    for row, label in zip(x.tolist(), y[:, -1].tolist()):
+        keys = row[:-2][0::2]
+        assert len(set(keys)) == len(keys) == task.pairs
+        assert row[-2] == task.alphabet + k - 1
+        assert follow(row, task.alphabet) == label
+        # the chain visits k + 1 distinct symbols: no cycle shortens it
+        f, q, seen = dict(zip(keys, row[:-2][1::2])), row[-1], [row[-1]]
+        for _ in range(k):
+            q = f[q]
+            seen.append(q)
+        assert len(set(seen)) == k + 1
+
+
+def test_k_hop_curriculum_grows_hops_and_heldout_stays_at_k():
+    task = make("k-hop", k=4, curriculum="grow", curriculum_frac=0.5)
+    hops = lambda: set((task.batch(200, torch.Generator().manual_seed(0))[0][:, -2] - task.alphabet + 1).tolist())
+    task.set_progress(0.0)
+    assert hops() == {1}
+    task.set_progress(0.3)
+    assert hops() == {1, 2, 3}
+    task.set_progress(0.9)
+    assert hops() == {1, 2, 3, 4}
+    assert set((task.heldout[0][:, -2] - task.alphabet + 1).tolist()) == {4}
+
+
+def test_k_hop_rejects_impossible_settings():
+    with pytest.raises(UsageError, match="needs 1 <= k <= pairs"):
+        make("k-hop", k=7)
+    with pytest.raises(UsageError, match="fewer pairs than alphabet"):
+        make("k-hop", pairs=10)
+
+
+# --- word problem ----------------------------------------------------------------------------
+
+def test_s5_product_of_three_known_permutations():
+    a, b, c = (1, 0, 2, 3, 4), (1, 2, 3, 4, 0), (0, 3, 2, 1, 4)  # (0 1), (0 1 2 3 4), (1 3)
+    # a first: 0 -a-> 1 -b-> 2 -c-> 2;  1 -> 0 -> 1 -> 3;  2 -> 2 -> 3 -> 1;  3 -> 3 -> 4 -> 4;  4 -> 4 -> 0 -> 0
+    assert compose(compose(a, b), c) == (2, 3, 1, 4, 0)
+    task = make("word-problem")
+    idx = {g: i for i, g in enumerate(task.elements)}
+    x = torch.tensor([[idx[a], idx[b], idx[c]]])
+    got = [task.elements[i] for i in task.running_product(x)[0].tolist()]
+    assert got == [a, (2, 1, 3, 4, 0), (2, 3, 1, 4, 0)]
+
+
+@pytest.mark.parametrize("name, order, is_solvable", [
+    ("S5", 120, False), ("A5", 60, False), ("A4xZ5", 60, True), ("Z60", 60, True), ("S4", 24, True),
+    ("D4", 8, True), ("Z2xZ2", 4, True)])
+def test_group_orders_and_solvability(name, order, is_solvable):
+    elements = group_elements(name)
+    assert len(elements) == order and elements[0] == tuple(range(len(elements[0])))
+    assert solvable(elements) is is_solvable
+
+
+def test_word_problem_labels_are_running_products_and_bad_group_names_are_refused():
+    task = make("word-problem", group="A4xZ5")
+    x, y = task.batch(50, torch.Generator().manual_seed(0))
+    for row, labels in zip(x.tolist(), y.tolist()):
+        p = task.elements[row[0]]
+        for t, g in enumerate(row):
+            if t:
+                p = compose(p, task.elements[g])
+            assert task.elements[labels[t]] == p
+    with pytest.raises(UsageError, match="not a group name"):
+        make("word-problem", group="S5x")
+
+
+# --- variable binding ------------------------------------------------------------------------
+
+def resolve_program(tokens, names):
+    """Reference: execute ``x = y ;`` statements in order and answer the final ``x ?``."""
+    env = {}
+    *body, query, _ = tokens
+    for lhs, _, rhs, _ in zip(*[iter(body)] * 4):
+        env[lhs] = rhs if rhs >= names else env[rhs]
+    return env[query]
+
+
+def test_variable_binding_hand_worked_and_generated_programs():
+    names = 12  # values are tokens 12..21, "=" 22, ";" 23, "?" 24
+    # a = 3 ; x = 5 ; b = a ; c = b ; c ?   ->  3
+    a, b, c, x = 0, 1, 2, 3
+    prog = [a, 22, 15, 23, x, 22, 17, 23, b, 22, a, 23, c, 22, b, 23, c, 24]
+    assert resolve_program(prog, names) == 15
+    task = make("variable-binding")
+    xs, ys = task.batch(300, torch.Generator().manual_seed(0))
+    for row, label in zip(xs.tolist(), ys[:, -1].tolist()):
+        lhs = row[:-2][0::4]
+        assert len(set(lhs)) == len(lhs) == 3 * 3  # every variable assigned once
+        assert resolve_program(row, names) == label
+
+
+# --- modular chain ---------------------------------------------------------------------------
+
+def test_modular_chain_labels():
+    task = make("modular-chain", n=3, p=7, eval_size=10)
+    # tokens: operands 0..6, "+" 7, "=" 8;  3 + 5 + 6 = 14 = 0 (mod 7)
+    assert task.OP == 7 and task.EQ == 8
+    x, y = task.batch(200, torch.Generator().manual_seed(0))
+    assert (x[:, 1::2][:, :-1] == 7).all() and (x[:, -1] == 8).all()
+    assert torch.equal(y[:, -1], x[:, 0::2].sum(-1) % 7)
+    prod = make("modular-chain", n=3, p=7, op="product", eval_size=10)
+    x, y = prod.batch(200, torch.Generator().manual_seed(0))
+    assert (x[:, 0::2] > 0).all()
+    assert torch.equal(y[:, -1], x[:, 0::2].prod(-1) % 7)
+
+
+# --- cfg language ----------------------------------------------------------------------------
+
+def test_tiny_grammar_entropy_rate_matches_its_closed_form_and_samples():
+    p = 0.4
+    g = Grammar.from_strings({"S": [(p, "aSb"), (1 - p, "c")]}, terminals="abc")
+    h = -(p * math.log(p) + (1 - p) * math.log(1 - p))
+    # H(S) = h + p·H(S);  E[len] = p·(2 + E[len]) + (1 - p)
+    assert g.sentence_entropy == pytest.approx(h / (1 - p))
+    assert g.sentence_length == pytest.approx((1 + p) / (1 - p))
+    assert g.entropy_rate == pytest.approx(h / (1 - p) / ((1 + p) / (1 - p) + 1))
+    seq, ent = generate(g, g.tables("cpu"), 400, 257, torch.Generator().manual_seed(0))
+    text = "".join("abc|"[t] for t in seq.flatten().tolist())
+    for sentence in re.split(r"\|", "".join("abc|"[t] for t in seq[0].tolist()))[1:-1]:
+        n = sentence.count("a")
+        assert sentence == "a" * n + "c" + "b" * n
+    assert set(text) == set("abc|")
+    # the conditional entropy of a token is that of the choice it reveals: a and c carry h, b and | carry 0
+    assert torch.allclose(ent[(seq == 0) | (seq == 2)], torch.tensor(h))
+    assert (ent[(seq == 1) | (seq == 3)] == 0).all()
+    assert ent[:, 1:].mean().item() == pytest.approx(g.entropy_rate, rel=0.03)
+
+
+def test_grammars_must_be_deterministic_and_consistent():
+    with pytest.raises(ValueError, match="start with its own terminal"):
+        Grammar.from_strings({"S": [(0.5, "aS"), (0.5, "ab")]}, terminals="ab")
+    with pytest.raises(ValueError, match="start with its own terminal"):
+        Grammar.from_strings({"S": [(0.5, "Ta"), (0.5, "b")], "T": [(1.0, "a")]}, terminals="ab")
+    with pytest.raises(ValueError, match="infinite"):
+        Grammar.from_strings({"S": [(0.5, "aSS"), (0.5, "b")]}, terminals="ab")
+
+
+class Uniform(torch.nn.Module):
+    def __init__(self, n):
+        super().__init__()
+        self.n = n
+
+    def forward(self, x):
+        return torch.zeros(*x.shape, self.n)
+
+
+def test_cfg_language_reports_cross_entropy_beside_the_grammar_entropy():
+    task = make("cfg-language")
+    assert 0 < task.grammar.entropy_rate < math.log(task.input.out_dim)
+    assert task.loss_floor == pytest.approx(task.heldout_entropy.mean().item())
+    assert task.loss_floor == pytest.approx(task.grammar.entropy_rate, rel=0.25)
+    out = task.evaluate(Uniform(task.input.out_dim), 64)
+    assert out["loss"] == pytest.approx(math.log(task.input.out_dim), rel=1e-5)
+    assert out["excess_ce"] == pytest.approx(out["loss"] - out["optimal_ce"])
+    assert out["entropy_rate"] == task.grammar.entropy_rate
+    assert task.solved(out) is False and task.solved({**out, "excess_ce": 0.01}) is True
