@@ -98,13 +98,16 @@ class SequenceTask(Task):
     ``__init__``; it writes ``sample(n, generator) -> (x, y)`` with x (n, T) token ids and y (n, T)
     labels. The held-out set is ``eval_size`` problems drawn from seed ``seed + EVAL_STREAM``;
     a training problem equal to a held-out one is redrawn, so held-out accuracy measures
-    generalisation even where the space of problems is small.
+    generalisation even where the space of problems is small. A language-modelling task sets
+    ``exclude_heldout = False``: its held-out windows are plain draws from the same distribution
+    (excluding them would make them rarer in training than in the language).
     """
 
     loss_floor = 0.0  # labels are deterministic: a perfect model has zero loss
     default_evaluators = ("depth-to-solve",)
     solve_metric = "accuracy"
     per_position: ClassVar[bool] = False  # report accuracy at every position (running-state tasks)
+    exclude_heldout: ClassVar[bool] = True
 
     def sample(self, n: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         raise NotImplementedError
@@ -125,6 +128,8 @@ class SequenceTask(Task):
 
     def batch(self, batch_size, generator):
         x, y = self.sample(batch_size, generator)
+        if not self.exclude_heldout:
+            return x, y
         for _ in range(1000):
             clash = torch.isin(fingerprint(x), self._heldout_fp)
             if not clash.any():

@@ -152,6 +152,7 @@ class CFGLanguage(SequenceTask):
     """Next-token prediction on a random nested PCFG; cross-entropy reported beside the grammar's entropy rate."""
 
     default_evaluators = ("alpha-ell", "depth-to-solve")
+    exclude_heldout = False  # a language: held-out windows are ordinary draws
     solve_metric = "excess_ce"
     presets = {
         "smoke": {"depths": [1, 2], "seeds": 1, "task": {"nesting": 2, "seq_len": 32, "eval_size": 128},

@@ -1,10 +1,14 @@
 """In-context pointer chasing: follow a query through k (key -> value) pairs of the context.
 
-A sequence is ``k1 v1 k2 v2 ... kP vP <hop k> q`` over an alphabet of symbols: P pairs with
-distinct keys in random order, then a token naming the hop count and the query. The label, at
-the last position, is f^k(q) where f maps each key to its value. The chain q -> ... -> f^k(q)
-visits k + 1 distinct symbols, so no shortcut through a cycle exists; the other pairs are
-distractors with random values. k = 1 is the control: a single lookup.
+A context holds P pairs with distinct keys in random order, then a token naming the hop count
+and the query. The label, at the last position, is f^k(q) where f maps each key to its value.
+The chain q -> ... -> f^k(q) visits k + 1 distinct symbols, so no shortcut through a cycle
+exists; the other pairs are distractors with random values. k = 1 is the control: a single lookup.
+
+``encoding=pair`` (default) writes each pair as one token (key·alphabet + value), so a hop is
+one attention lookup and the natural algorithm needs about one layer per hop (fewer with pointer
+doubling). ``encoding=tokens`` writes ``k1 v1 k2 v2 ...``, which first needs an induction circuit
+(a previous-token head) and learns far more slowly.
 
 Plain training on large k is known to stall; ``curriculum=grow`` draws each training example's
 hop count uniformly from 1..k_now, where k_now rises from 1 to k over the first
@@ -45,6 +49,7 @@ class KHop(SequenceTask):
                  k: Annotated[int, Range(1, 16)] = 2,
                  pairs: int = 16,
                  alphabet: int = 32,
+                 encoding: Literal["pair", "tokens"] = "pair",
                  curriculum: Literal["none", "grow"] = "none",
                  curriculum_frac: float = 0.5,
                  data_seed: int = 0,
@@ -55,11 +60,14 @@ class KHop(SequenceTask):
         if pairs >= alphabet:
             raise UsageError(f"task.pairs={pairs}: needs fewer pairs than alphabet symbols ({alphabet}) so that "
                              f"the answer can lie outside the chain")
-        self.k, self.pairs, self.alphabet = k, pairs, alphabet
+        self.k, self.pairs, self.alphabet, self.encoding = k, pairs, alphabet, encoding
         self.curriculum, self.curriculum_frac = curriculum, curriculum_frac
         self.k_now: int | None = None  # None: every example at exactly k (no curriculum; the held-out set)
-        # tokens: symbols 0..alphabet-1, then one "hop count" token per k in 1..pairs
-        self.input = InputSpec("tokens", size=alphabet + pairs, out_dim=alphabet, seq_len=2 * pairs + 2)
+        # tokens: symbols 0..A-1, one "hop count" token per k in 1..pairs, then (pair encoding) pair tokens
+        self.HOP = alphabet
+        n_pair_tokens = alphabet * alphabet if encoding == "pair" else 0
+        length = (pairs if encoding == "pair" else 2 * pairs) + 2
+        self.input = InputSpec("tokens", size=alphabet + pairs + n_pair_tokens, out_dim=alphabet, seq_len=length)
         self.setup(data_seed, eval_size)
 
     def set_progress(self, fraction):
@@ -82,8 +90,12 @@ class KHop(SequenceTask):
         noise = torch.randint(0, A, (n, P), generator=generator, device=dev)
         values = torch.where(j < k - 1, nxt, torch.where(j == k - 1, answer, noise))
         order = torch.rand(n, P, generator=generator, device=dev).argsort(-1)  # shuffle the pairs
-        pairs = torch.stack([keys.gather(1, order), values.gather(1, order)], -1).flatten(1)
-        x = torch.cat([pairs, A + k - 1, keys[:, :1]], 1)
+        keys, values = keys.gather(1, order), values.gather(1, order)
+        if self.encoding == "pair":
+            context = A + P + keys * A + values
+        else:
+            context = torch.stack([keys, values], -1).flatten(1)
+        x = torch.cat([context, self.HOP + k - 1, perm[:, :1]], 1)
         y = torch.full_like(x, IGNORE)
         y[:, -1] = answer[:, 0]
         return x, y
