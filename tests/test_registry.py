@@ -7,13 +7,14 @@ import torch
 
 import archbench
 from archbench.errors import UsageError
-from archbench.registry import BLOCKS, Registry
+from archbench.registry import BLOCKS, TASKS, Registry
 
 
 def test_builtins_are_registered_under_the_archbench_namespace(tmp_path):
     assert {"residual", "residual-mlp"} <= set(BLOCKS.names())
-    assert {"teacher-student", "lm-char"} <= set(archbench.TASKS.names())
-    assert "alpha-ell" in archbench.EVALUATORS.names()
+    assert {"teacher-student", "lm-char", "lm-word", "k-hop", "word-problem", "variable-binding", "modular-chain",
+            "cfg-language"} <= set(archbench.TASKS.names())
+    assert {"alpha-ell", "depth-to-solve", "test-time-depth"} <= set(archbench.EVALUATORS.names())
     # Outside the checkout, the installed package must not leak generic top-level names.
     code = ("import importlib.util as u, archbench.blocks, archbench.tasks, archbench.evaluators;"
             "print([n for n in ('blocks', 'tasks', 'evaluators') if u.find_spec(n)])")
@@ -57,6 +58,25 @@ def test_knobs_from_signature_are_typed():
         knobs["norm"].parse("layernrom", "block")
     with pytest.raises(UsageError, match="block.heads='2.5' is not a valid int"):
         knobs["heads"].parse("2.5", "block")
+
+
+def test_comma_values_are_sweeps_except_for_list_knobs():
+    from archbench.knobs import resolve
+
+    k = TASKS.get("k-hop").knobs
+    assert k["k"].grid("1,2,4", "task") == [1, 2, 4] and k["k"].grid("2", "task") is None
+    assert k["encoding"].grid("pair,tokens", "task") == ["pair", "tokens"]
+    with pytest.raises(UsageError, match="task.k='x' is not a valid int"):
+        k["k"].grid("1,x", "task")
+    grid = {}
+    assert resolve(TASKS.get("k-hop").obj, "task", {"k": "1,2", "pairs": "6"}, grid)["k"] == 1
+    assert grid == {"task.k": [1, 2]}
+    with pytest.raises(UsageError, match="one value expected here"):
+        resolve(TASKS.get("k-hop").obj, "task", {"k": "1,2"})
+    # a list knob reads the commas as its value
+    r = archbench.EVALUATORS.get("test-time-depth").knobs["recurrence"]
+    assert r.item_type is int and r.parse("1, 2,8", "test-time-depth") == (1, 2, 8) and r.grid("1,2", "x") is None
+    assert r.describe_type() == "int,..."
 
 
 def test_cli_list_filters_and_describes(cli):

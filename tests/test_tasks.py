@@ -73,3 +73,16 @@ def test_lm_char_user_text_file(tmp_path):
     (tmp_path / "tiny.txt").write_text("ab")
     with pytest.raises(ArchbenchError, match="needs at least"):
         TASKS.get("lm-char").obj(device="cpu", seq_len=8, text_file=str(tmp_path / "tiny.txt"))
+
+
+def test_lm_word_vocabulary_comes_from_the_training_text(tmp_path):
+    f = tmp_path / "corpus.txt"
+    f.write_text("The cat sat. The dog sat!\n" * 40 + "Zebra ZEBRA quokka.\n" * 5)
+    task = TASKS.get("lm-word").obj(device="cpu", seq_len=8, text_file=str(f), vocab_size=3)
+    # the two most frequent lower-cased words of the first 90 % ("the" and "sat", 79 times each: ties
+    # alphabetical), <unk> for the rest
+    assert task.vocab == ["<unk>", "sat", "the"]
+    x, y = task.batch(4, torch.Generator().manual_seed(0))
+    assert x.shape == y.shape == (4, 8) and torch.equal(x[:, 1:], y[:, :-1])
+    assert (task.val_data == 0).any() and (task.val_data == 2).any()  # "zebra" is <unk>, "the" is known
+    assert "bits_per_word" in task.metrics(torch.zeros(4, 8, 3), y)

@@ -1,0 +1,83 @@
+"""depth-to-solve on known sweeps, the task-grid sweep end to end, and every task at the smoke preset."""
+
+import json
+
+import pytest
+
+from archbench.registry import EVALUATORS, TASKS
+from archbench.sweep import EvalSpec, run_eval
+
+
+def run(vary, depth, solved, seed=0):
+    return {"vary": vary, "effective_depth": depth, "depth": depth, "seed": seed, "solved": solved,
+            "final_loss": 0.1 if solved else 1.0, "status": "ok"}
+
+
+def test_smallest_solving_depth_per_difficulty_and_layers_per_step():
+    ev = EVALUATORS.get("depth-to-solve").obj()
+    runs = []
+    need = {1: 1, 2: 3, 4: 5, 8: None}  # the depth from which each k is solved
+    for k, first in need.items():
+        for d in (1, 2, 3, 5, 8):
+            runs.append(run({"task.k": k}, d, first is not None and d >= first))
+    out = ev.evaluate_sweep(runs, None)
+    assert [r["depth_to_solve"] for r in out["difficulties"]] == [1, 3, 5, None]
+    assert [r["label"] for r in out["difficulties"]] == ["k=1", "k=2", "k=4", "k=8"]
+    assert out["difficulty_knob"] == "task.k"
+    assert out["layers_per_step"] == pytest.approx(9 / 7)  # least squares through (1, 1), (2, 3), (4, 5)
+    assert out["difficulties"][3]["max_depth_tried"] == 8
+
+
+def test_seed_fraction_and_non_monotone_depths():
+    ev = EVALUATORS.get("depth-to-solve").obj(min_fraction=1.0)
+    runs = [run({}, 2, True, 0), run({}, 2, False, 1), run({}, 4, True, 0), run({}, 4, True, 1),
+            run({}, 6, False, 0), run({}, 6, False, 1)]
+    (row,) = ev.evaluate_sweep(runs, None)["difficulties"]
+    assert row["depth_to_solve"] == 4 and row["unsolved_above"] == [6]
+    assert [p["solved_fraction"] for p in row["per_depth"]] == [0.5, 1.0, 0.0]
+    assert EVALUATORS.get("depth-to-solve").obj(min_fraction=0.5).evaluate_sweep(runs, None)["difficulties"][0][
+        "depth_to_solve"] == 2
+
+
+@pytest.mark.parametrize("task", ["k-hop", "word-problem", "variable-binding", "modular-chain", "cfg-language",
+                                  "lm-word"])
+def test_every_new_task_runs_the_smoke_preset_with_residual(task, tmp_path):
+    res = run_eval(EvalSpec(block="residual", task=task, preset="smoke", runs_dir=str(tmp_path)))
+    assert res["runs"] and all(r["status"] == "ok" for r in res["runs"])
+    assert set(res["metrics"]) == set(TASKS.get(task).obj.default_evaluators)
+    judged = TASKS.get(task).obj.solve_metric is not None
+    assert all(isinstance(r["solved"], bool) == judged for r in res["runs"])
+    if task == "cfg-language":
+        ev = res["runs"][0]["eval"]
+        assert ev["excess_ce"] == pytest.approx(ev["loss"] - ev["optimal_ce"]) and ev["entropy_rate"] > 0
+
+
+def test_grid_over_a_task_knob_end_to_end_then_cached(cli, tmp_path):
+    out = tmp_path / "r.json"
+    args = ("eval", "--block", "residual", "--task", "k-hop", "--preset", "smoke", "--set", "task.k=1,2",
+            "--depths", "1", "--runs-dir", tmp_path / "runs", "--out", out)
+    r = cli(*args)
+    assert r.returncode == 0, r.stderr
+    assert "depth to solve (k=1)" in r.stdout and "depth to solve (k=2)" in r.stdout
+    res = json.loads(out.read_text())
+    assert [run["vary"] for run in res["runs"]] == [{"task.k": 1}, {"task.k": 2}]
+    assert res["config"]["grid"] == {"task.k": [1, 2]}
+    assert [d["label"] for d in res["metrics"]["depth-to-solve"]["difficulties"]] == ["k=1", "k=2"]
+    assert out.with_suffix(".depth-to-solve.png").exists()
+    again = cli(*args, "--evaluators", "depth-to-solve,alpha-ell")
+    assert again.returncode == 0, again.stderr
+    res = json.loads(out.read_text())
+    assert all(run["cached"] for run in res["runs"])
+    # alpha_ell is fitted per grid point (here one depth each: not fitted, with the reason)
+    assert [v["vary"] for v in res["metrics"]["alpha-ell"]["variants"]] == [{"task.k": 1}, {"task.k": 2}]
+    assert "alpha_ell (k=1): not fitted" in again.stdout
+
+
+def test_bad_sweeps_and_evaluators_get_one_line(cli, tmp_path):
+    r = cli("eval", "--preset", "smoke", "--evaluators", "depth-to-solve", "--runs-dir", tmp_path)
+    assert r.returncode == 2 and "task 'teacher-student' has no notion of solved" in r.stderr
+    r = cli("eval", "--preset", "smoke", "--set", "alpha-ell.floor=0,1", "--runs-dir", tmp_path)
+    assert r.returncode == 2 and "one value expected here, not a sweep" in r.stderr
+    r = cli("eval", "--task", "k-hop", "--preset", "smoke", "--set", "task.k=1,x", "--runs-dir", tmp_path)
+    assert r.returncode == 2 and "task.k='x' is not a valid int" in r.stderr
+    assert "Traceback" not in r.stderr
