@@ -213,24 +213,25 @@ def run_eval(spec: EvalSpec, console=None) -> dict:
                                            f"{spec.block}__{spec.task}__{run_key(config)[:8]}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     metrics, plots = {}, []
+
+    def plot(name, ev, res, rs, suffix=""):
+        if ev.plot(res, rs, path := out.with_suffix(f".{name}{suffix}.png")):
+            plots.append(str(path))
+
     for name, ev in evaluators.items():
         if ev.kind == "model":
             metrics[name] = {"per_run": {r["key"]: r["metrics"].get(name) for r in runs}}
-            if ev.plot(metrics[name], runs, path := out.with_suffix(f".{name}.png")):
-                plots.append(str(path))
+            plot(name, ev, metrics[name], runs)
         elif ev.across_variants or len(grid) == 1:
             metrics[name] = ev.evaluate_sweep(runs, task_for(grid[0][1]) if len(grid) == 1 else None)
-            if ev.plot(metrics[name], runs, path := out.with_suffix(f".{name}.png")):
-                plots.append(str(path))
+            plot(name, ev, metrics[name], runs)
         else:  # a per-variant sweep evaluator (alpha_ell): once per grid point, with that point's task
             metrics[name] = {"variants": []}
             for vary, c in grid:
                 rs = [r for r in runs if r["vary"] == vary]
                 res = {"vary": vary, **ev.evaluate_sweep(rs, task_for(c))}
                 metrics[name]["variants"].append(res)
-                label = variant_label(vary).replace(", ", "_").replace("=", "-")
-                if ev.plot(res, rs, path := out.with_suffix(f".{name}.{label}.png")):
-                    plots.append(str(path))
+                plot(name, ev, res, rs, "." + variant_label(vary).replace(", ", "_").replace("=", "-"))
     alpha = metrics.get("alpha-ell", {})
     result = {"block": spec.block, "task": spec.task, "config": config, "runs": runs,
               "alpha_ell": {"value": alpha.get("value"), "ci95": alpha.get("ci95")}, "metrics": metrics,

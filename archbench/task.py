@@ -14,6 +14,7 @@ training batches, and scores per-position accuracy.
 from __future__ import annotations
 
 import contextlib
+import functools
 from typing import Any, ClassVar
 
 import numpy as np
@@ -84,11 +85,15 @@ class Task:
         return {k: v.tolist() for k, v in totals.items()}
 
 
+@functools.lru_cache(maxsize=None)
+def _hash_weights(length: int, device: torch.device) -> torch.Tensor:
+    g = torch.Generator().manual_seed(0x5EED)
+    return torch.randint(1, 2 ** 31 - 1, (length,), generator=g, dtype=torch.long).to(device)
+
+
 def fingerprint(x: torch.Tensor) -> torch.Tensor:
     """A 64-bit hash per row of a (B, T) token tensor (random weights < 2^31, so no overflow for T·vocab < 2^32)."""
-    g = torch.Generator().manual_seed(0x5EED)
-    weights = torch.randint(1, 2 ** 31 - 1, (x.shape[1],), generator=g, dtype=torch.long).to(x.device)
-    return ((x.long() + 1) * weights).sum(-1)
+    return ((x.long() + 1) * _hash_weights(x.shape[1], x.device)).sum(-1)
 
 
 class SequenceTask(Task):
@@ -153,18 +158,13 @@ class SequenceTask(Task):
         out = {"accuracy": (right.sum() / labelled.sum()).item(),
                "sequence_accuracy": (right == labelled).all(-1).float().mean().item()}
         if self.per_position:
-            by_pos = right.sum(0) / labelled.sum(0).clamp(min=1)
-            out["accuracy_by_position"] = by_pos.tolist()
-            out["worst_position_accuracy"] = by_pos[labelled.any(0)].min().item()
+            out["accuracy_by_position"] = (right.sum(0) / labelled.sum(0).clamp(min=1)).tolist()
         return out
 
     def evaluate(self, model, batch_size, autocast=None):
         out = super().evaluate(model, batch_size, autocast)
-        if "worst_position_accuracy" in out:  # the minimum of the averaged per-position accuracies
-            out["worst_position_accuracy"] = min(a for a, n in zip(out["accuracy_by_position"], self._labelled_at())
-                                                 if n)
+        if self.per_position:  # the worst of the held-out per-position accuracies (positions with labels)
+            scored = (self.heldout[1] != IGNORE).any(0).tolist()
+            out["worst_position_accuracy"] = min(a for a, s in zip(out["accuracy_by_position"], scored) if s)
         return out
-
-    def _labelled_at(self) -> list[int]:
-        return (self.heldout[1] != IGNORE).sum(0).tolist()
 
