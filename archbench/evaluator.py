@@ -8,7 +8,9 @@ Two kinds, registered with ``@archbench.register_evaluator("name")``:
   (e.g. the alpha_ell fit over depths). When ``--set`` sweeps a knob too (``task.k=1,2,4``), a
   sweep evaluator runs once per grid point with that point's runs and task, unless it sets
   ``across_variants = True`` (e.g. depth-to-solve): then it gets every run (each with its ``vary``
-  dict) and ``task=None`` when there is more than one grid point.
+  dict) and ``task=None`` when there is more than one grid point. With ``needs_models = True`` it is
+  called as ``evaluate_sweep(runs, task, models)`` and ``models(run)`` loads a run's trained model.
+  ``requires`` names evaluators whose per-run results it reads (they run first).
 
 Results are plain JSON-ready numbers. ``plot(result, runs, path)`` may draw a PNG figure.
 Knobs are ``__init__`` keyword arguments, set with ``--set NAME.knob=value``.
@@ -24,6 +26,10 @@ from typing import ClassVar
 class Evaluator:
     kind: ClassVar[str] = "model"
     across_variants: ClassVar[bool] = False
+    # evaluators whose per-run results this one reads (``archbench eval`` runs them too, first)
+    requires: ClassVar[tuple[str, ...]] = ()
+    # a sweep evaluator that compares trained models gets ``models(run) -> model | None`` as a third argument
+    needs_models: ClassVar[bool] = False
 
     @classmethod
     def check_task(cls, task) -> None:

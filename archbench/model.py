@@ -165,20 +165,65 @@ def taps(layer: nn.Module) -> dict[str, Tap]:
     return {name.rsplit(".", 1)[-1]: m for name, m in layer.named_modules() if isinstance(m, Tap)}
 
 
+def sublayer_modules(model: nn.Module, layer: nn.Module) -> dict[str, nn.Module]:
+    """The modules whose outputs are a layer's sublayer contributions ("attn_out", "mlp_out"):
+    archbench's ``Tap`` modules, or what a wrapped model (e.g. a Hugging Face LM) names."""
+    named = getattr(model, "sublayer_modules", None)
+    return named(layer) if named is not None else taps(layer)
+
+
+def first_tensor(out) -> torch.Tensor:
+    """A module's output tensor (pretrained attention modules return (output, weights, ...))."""
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+def replace_output(out, tensor: torch.Tensor):
+    """``out`` with its output tensor replaced, in the same structure."""
+    return (tensor, *out[1:]) if isinstance(out, (tuple, list)) else tensor
+
+
+OnLayer = Callable[[int, torch.Tensor, torch.Tensor], torch.Tensor]
+OnSublayer = Callable[[int, str, torch.Tensor], "torch.Tensor | None"]
+
+
+def run(model: nn.Module, x, on_layer: OnLayer | None = None, on_sublayer: OnSublayer | None = None):
+    """Logits of ``model`` on ``x``, calling ``on_layer(l, h_in, h_out) -> new stream`` after each
+    effective layer and ``on_sublayer(l, name, output) -> replacement or None`` on each sublayer
+    output (``name`` as in ``sublayer_modules``) of effective layer ``l``. Evaluators record, skip
+    and patch through these two callbacks only."""
+    current = [0]  # effective layer now running; shared modules (recurrence) appear at several l
+    handles = []
+    if on_sublayer is not None:
+        for layer in {id(m): m for m in model.effective_layers()}.values():
+            for name, module in sublayer_modules(model, layer).items():
+                def hook(_m, _i, out, name=name):
+                    new = on_sublayer(current[0], name, first_tensor(out))
+                    return None if new is None else replace_output(out, new)
+                handles.append(module.register_forward_hook(hook))
+
+    def intervene(l, h_in, h_out):
+        h = h_out if on_layer is None else on_layer(l, h_in, h_out)
+        current[0] = l + 1
+        return h
+
+    try:
+        return model(x, intervene=intervene)
+    finally:
+        for h in handles:
+            h.remove()
+
+
 def trace(model: StreamModel, x, *, skip: Sequence[int] = (), sublayers: bool = True) -> Trace:
     """Run ``model`` on ``x`` recording every stream state; layers in ``skip`` pass h_s through."""
     skip = set(skip)
     states: list[torch.Tensor] = []
     subs: list[dict[str, torch.Tensor]] = []
     current: dict[str, torch.Tensor] = {}
-    handles = []
-    if sublayers:
-        for layer in {id(m): m for m in model.effective_layers()}.values():
-            for name, tap in taps(layer).items():
-                handles.append(tap.register_forward_hook(
-                    lambda _m, _i, out, name=name: current.__setitem__(name, out.detach())))
 
-    def intervene(l, h_in, h_out):
+    def on_sublayer(l, name, out):
+        current[name] = out.detach()
+
+    def on_layer(l, h_in, h_out):
         if not states:
             states.append(h_in.detach())
         subs.append(dict(current))
@@ -187,11 +232,7 @@ def trace(model: StreamModel, x, *, skip: Sequence[int] = (), sublayers: bool = 
         states.append(h.detach())
         return h
 
-    try:
-        logits = model(x, intervene=intervene)
-    finally:
-        for h in handles:
-            h.remove()
+    logits = run(model, x, on_layer, on_sublayer if sublayers else None)
     if not states:  # depth 0
         states.append(model.embed(x).detach())
     return Trace(states, logits, subs)

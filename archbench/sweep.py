@@ -79,6 +79,7 @@ def resolve_config(spec: EvalSpec) -> dict:
     """
     block, task = BLOCKS.get(spec.block), TASKS.get(spec.task)
     names = spec.evaluators if spec.evaluators is not None else list(task.obj.default_evaluators)
+    names = with_requirements(names)
     evaluators = {name: EVALUATORS.get(name) for name in names}
     for e in evaluators.values():
         e.obj.check_task(task)
@@ -114,6 +115,18 @@ def resolve_config(spec: EvalSpec) -> dict:
                 block.obj.check_depth(d, c["block"])
     config["depths"], config["seeds"] = sorted(set(depths)), seeds
     return config
+
+
+def with_requirements(names: list[str]) -> list[str]:
+    """``names`` plus the evaluators they read results from (``requires``), those first."""
+    out: list[str] = []
+    for name in names:
+        for req in getattr(EVALUATORS.get(name).obj, "requires", ()):
+            if req not in out:
+                out.append(req)
+        if name not in out:
+            out.append(name)
+    return out
 
 
 def variants(config: dict) -> list[tuple[dict, dict]]:
@@ -214,6 +227,13 @@ def run_eval(spec: EvalSpec, console=None) -> dict:
     out.parent.mkdir(parents=True, exist_ok=True)
     metrics, plots = {}, []
 
+    def models(run):  # for sweep evaluators that compare trained models (layer-correspondence)
+        c = next(c for vary, c in grid if vary == run["vary"])
+        return load_model(store, block, c, run, task_for(c))
+
+    def sweep(ev, rs, task):
+        return ev.evaluate_sweep(rs, task, models) if ev.needs_models else ev.evaluate_sweep(rs, task)
+
     def plot(name, ev, res, rs, suffix=""):
         if ev.plot(res, rs, path := out.with_suffix(f".{name}{suffix}.png")):
             plots.append(str(path))
@@ -223,13 +243,13 @@ def run_eval(spec: EvalSpec, console=None) -> dict:
             metrics[name] = {"per_run": {r["key"]: r["metrics"].get(name) for r in runs}}
             plot(name, ev, metrics[name], runs)
         elif ev.across_variants or len(grid) == 1:
-            metrics[name] = ev.evaluate_sweep(runs, task_for(grid[0][1]) if len(grid) == 1 else None)
+            metrics[name] = sweep(ev, runs, task_for(grid[0][1]) if len(grid) == 1 else None)
             plot(name, ev, metrics[name], runs)
         else:  # a per-variant sweep evaluator (alpha_ell): once per grid point, with that point's task
             metrics[name] = {"variants": []}
             for vary, c in grid:
                 rs = [r for r in runs if r["vary"] == vary]
-                res = {"vary": vary, **ev.evaluate_sweep(rs, task_for(c))}
+                res = {"vary": vary, **sweep(ev, rs, task_for(c))}
                 metrics[name]["variants"].append(res)
                 plot(name, ev, res, rs, "." + variant_label(vary).replace(", ", "_").replace("=", "-"))
     alpha = metrics.get("alpha-ell", {})
@@ -264,21 +284,31 @@ def _train_one(block, task_entry, task, config, train_cfg, det, key, store, env,
 
 def _model_evaluators(record, model, evaluators, store, block, config, task) -> dict:
     """Run the per-model evaluators a record lacks; ``model`` is None for a cached run (weights reloaded)."""
-    todo = [n for n, ev in evaluators.items() if ev.kind == "model" and n not in record["metrics"]]
+    # a result is reused only if it was measured with the same knobs
+    todo = [n for n, ev in evaluators.items()
+            if ev.kind == "model" and record["metrics"].get(n, {}).get("knobs") != config[n]]
     if not todo or record["status"] != "ok":
         return record
     if model is None:
-        weights = store.weights_path(record["key"])
-        if not weights.exists():
-            warnings.warn(f"run {record['key']} has no saved weights; skipping {', '.join(todo)} for it")
+        model = load_model(store, block, config, record, task, why=", ".join(todo))
+        if model is None:
             return record
-        model = make_model(block, config, record["depth"], task).to(task.device)
-        model.load_state_dict(torch.load(weights, map_location=task.device, weights_only=True))
     model.eval()
     for name in todo:
-        record["metrics"][name] = evaluators[name].evaluate_model(model, task)
+        record["metrics"][name] = {**evaluators[name].evaluate_model(model, task), "knobs": config[name]}
     store.save(record)
     return record
+
+
+def load_model(store: RunStore, block: Entry, config: dict, run: dict, task, why: str = "") -> StreamModel | None:
+    """A finished run's trained model from its saved weights (None, with a warning, if they are gone)."""
+    weights = store.weights_path(run["key"])
+    if not weights.exists():
+        warnings.warn(f"run {run['key']} has no saved weights; skipping {why or 'it'}")
+        return None
+    model = make_model(block, config, run["depth"], task).to(task.device)
+    model.load_state_dict(torch.load(weights, map_location=task.device, weights_only=True))
+    return model.eval()
 
 
 class SpeedColumn(ProgressColumn):

@@ -93,6 +93,14 @@ def summary_lines(result) -> list[str]:
                 continue
             ci = f"  95% CI [{a['ci95'][0]:.3f}, {a['ci95'][1]:.3f}]" if a.get("ci95") else ""
             lines.append(f"alpha_ell{where} = {a['value']:.3f}{ci}" + (f"  ({a['note']})" if a.get("note") else ""))
+    for r in metrics.get("regime", {}).get("variants", [metrics.get("regime")]):
+        if r:
+            where = f" ({variant_label(r['vary'])})" if r.get("vary") else ""
+            lines.append(f"regime{where}: {r['regime']} ({'; '.join(r['reasons'])})")
+    if metrics.get("layer-correspondence", {}).get("relative_depth_deviation") is not None:
+        lc = metrics["layer-correspondence"]
+        lines.append(f"layer correspondence: best matches deviate {lc['relative_depth_deviation']:.2f} from equal "
+                     f"relative depth on average (0 = exactly proportional)")
     if "depth-to-solve" in metrics:
         for row in metrics["depth-to-solve"]["difficulties"]:
             d = row["depth_to_solve"]

@@ -1,0 +1,168 @@
+"""skip-sensitivity: what breaks when one effective layer is skipped (Csordás et al. 2025).
+
+Skipping layer s sets h_{s+1} := h_s (variant ``layer``), or zeroes its attention or MLP output
+only (``attn``, ``mlp``, where the block has those taps). Nothing is skipped at the first token of
+a sequence (it is an attention sink in LLMs). Per skipped layer s:
+
+- effect on every later layer j > s: ‖c_j − c̃_j‖ / ‖c_j‖ with c_j = h_{j+1} − h_j its contribution,
+  as a token mean (``later_mean``) and a maximum over tokens (``later_max``, the paper's heat map);
+- effect on the output, each a separately named metric: ``output_l2`` = ‖p − p̃‖₂ (the papers'
+  measure), ``output_kl`` = KL(p ‖ p̃), ``top1_flip`` (how often the top prediction changes) and
+  ``loss_increase`` (task loss with the skip minus without);
+- ``future``: skip only at positions before t = ``future_at`` × sequence length and measure from t
+  on (what a layer contributes to later tokens; sequence tasks only);
+- ``local``: remove c_s from the input of every later layer without letting the change propagate
+  (each later layer sees h_j − c_s), which isolates the direct use of c_s;
+- the depth score Σ s·e_s / Σ e_s, with e_s the mean ``later_mean`` effect of skipping s (layers
+  counted from 0; the last layer has no later layers). ``depth_score_relative`` divides by L − 1.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import numpy as np
+import torch
+
+import archbench
+from archbench.evaluator import Evaluator
+from archbench.evaluators.layer_similarity import _style, deepest, heat
+from archbench.knobs import Range
+from archbench.measure import Sums, halves, probs_stats, rel_norm, token_batches, tolist
+from archbench.model import run, trace
+
+IGNORE = -100  # F.cross_entropy's ignore_index: targets before t are not scored in the future variant
+OUTPUT = ("output_l2", "output_kl", "top1_flip", "loss_increase")
+
+
+@archbench.register_evaluator("skip-sensitivity", family="skipping",
+                              citation="Csordás, Manning, Potts 2025 (arXiv 2505.13898)")
+class SkipSensitivity(Evaluator):
+    """Skip each effective layer (or its attention or MLP) and measure later layers and the output."""
+
+    kind = "model"
+
+    def __init__(self, *,
+                 max_tokens: Annotated[int, Range(16, 10_000_000)] = 2048,
+                 batch_tokens: Annotated[int, Range(16, 1_000_000)] = 2048,
+                 sublayers: bool = True,
+                 local: bool = True,
+                 future: bool = True,
+                 future_at: Annotated[float, Range(0.05, 0.95)] = 0.5):
+        self.max_tokens, self.batch_tokens = max_tokens, batch_tokens
+        self.sublayers, self.local, self.future, self.future_at = sublayers, local, future, future_at
+
+    @torch.no_grad()
+    def evaluate_model(self, model, task) -> dict:
+        L = model.effective_depth
+        sums = Sums()
+        variants: list[str] = []
+        for x, y in token_batches(task, self.max_tokens, self.batch_tokens):
+            clean = trace(model, x)
+            T = clean.states[0].shape[1]
+            variants = ["layer"]
+            if self.sublayers and clean.sublayers:
+                variants += [v for v, tap in (("attn", "attn_out"), ("mlp", "mlp_out"))
+                             if all(tap in sub for sub in clean.sublayers)]
+            variants += ["local"] * self.local + ["future"] * (self.future and T > 1)
+            for variant in variants:
+                for s in range(L):
+                    self._skip(model, task, x, y, clean, s, variant, sums)
+        out = {"tokens": sums.counts.get("layer/0/output_l2", 0), "depth": L,
+               "skipped_positions": "all but the first" if task.input.kind == "tokens" else "all",
+               "variants": {}}
+        for variant in variants:
+            res = {}
+            for kind in ("mean", "max"):
+                m = np.full((L, L), np.nan)
+                for s in range(L - 1):
+                    m[s, s + 1:] = sums.mean(f"{variant}/{s}/later") if kind == "mean" else sums.max(f"{variant}/{s}/later")
+                res[f"later_{kind}"] = tolist(m)
+            for name in OUTPUT:
+                res[name] = [float(sums.mean(f"{variant}/{s}/{name}")) for s in range(L)]
+            res["output_l2_max"] = [float(sums.max(f"{variant}/{s}/output_l2")) for s in range(L)]
+            if variant == "future":
+                res["t"] = int(self.future_at * T)
+            out["variants"][variant] = res
+        e = [float(np.mean(sums.mean(f"layer/{s}/later"))) for s in range(L - 1)]
+        out["effect_on_later"] = e
+        total = sum(e)
+        out["depth_score"] = sum(s * v for s, v in enumerate(e)) / total if total > 0 else None
+        out["depth_score_relative"] = out["depth_score"] / (L - 1) if out["depth_score"] is not None else None
+        out["halves"] = {"output_l2": halves(out["variants"]["layer"]["output_l2"]), "effect_on_later": halves(e)}
+        return out
+
+    def _skip(self, model, task, x, y, clean, s, variant, sums: Sums):
+        states, L = clean.states, len(clean.states) - 1
+        B, T = states[0].shape[:2]
+        pos = torch.arange(T, device=states[0].device).view(1, T, 1)
+        t = int(self.future_at * T)
+        skip_at = (pos >= 1) if T > 1 else torch.ones_like(pos, dtype=torch.bool)
+        measure = torch.ones_like(pos, dtype=torch.bool).expand(B, T, 1)
+        if variant == "future":
+            skip_at, measure = skip_at & (pos < t), (pos >= t).expand(B, T, 1)
+        keep = measure.reshape(-1)
+        later = []
+        removed = {}
+
+        def on_layer(l, h_in, h_out):
+            if l == s and variant in ("layer", "local", "future"):
+                h = torch.where(skip_at, h_in, h_out)
+                removed["c"] = h_out - h
+            elif variant == "local" and l > s:
+                h = states[l + 1] - removed["c"]  # the clean stream minus c_s: no propagation
+            else:
+                h = h_out
+            if l > s:
+                c, c_new = states[l + 1] - states[l], h_out - h_in
+                later.append(rel_norm((c - c_new).reshape(-1, c.shape[-1]), c.reshape(-1, c.shape[-1]))[keep])
+            return h
+
+        def on_sublayer(l, name, out):
+            if l == s and name == {"attn": "attn_out", "mlp": "mlp_out"}.get(variant):
+                return torch.where(skip_at, torch.zeros_like(out), out)
+            return None
+
+        logits = run(model, x, on_layer, on_sublayer if variant in ("attn", "mlp") else None)
+        if later:
+            sums.add(f"{variant}/{s}/later", torch.stack(later), track_max=True)
+        V = logits.shape[-1]
+        st = probs_stats(logits.reshape(-1, V)[keep], clean.logits.reshape(-1, V)[keep])
+        n = int(keep.sum())
+        sums.add(f"{variant}/{s}/output_l2", st["l2"], track_max=True)
+        sums.add(f"{variant}/{s}/output_kl", st["kl_ref_to"])
+        sums.add(f"{variant}/{s}/top1_flip", 1 - st["top1_same"])
+        target = y
+        if variant == "future":
+            target = y.clone()
+            target[:, :t] = IGNORE
+        increase = (task.loss(logits, target) - task.loss(clean.logits, target)).float()
+        sums.add(f"{variant}/{s}/loss_increase", increase.reshape(1).expand(n))
+
+    def plot(self, result: dict, runs: list[dict], path: Path) -> bool:
+        res = deepest(result, runs)
+        if res is None:
+            return False
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(1, 3, figsize=(14, 4.2), dpi=110)
+        heat(ax[0], res["variants"]["layer"]["later_max"], "skip s: max ‖Δc_j‖/‖c_j‖", fig,
+             xlabel="later layer j", ylabel="skipped layer s")
+        layers = np.arange(res["depth"])
+        for variant, r in res["variants"].items():
+            ax[1].plot(layers, r["output_l2"], "o-", label=variant)
+        ax[1].set_yscale("log")
+        _style(ax[1], "skipped layer s", "‖p − p̃‖₂ (token mean)", "effect on the output")
+        ax[2].plot(layers[:-1], res["effect_on_later"], "o-", label="mean effect on later layers")
+        if res["depth_score"] is not None:
+            ax[2].axvline(res["depth_score"], color="k", ls=":", label=f"depth score {res['depth_score']:.2f}")
+        _style(ax[2], "skipped layer s", "mean ‖Δc_j‖/‖c_j‖", "effect on later layers")
+        fig.suptitle(f"skip-sensitivity, depth {res['depth']} ({res['tokens']} tokens)")
+        fig.tight_layout()
+        fig.savefig(path)
+        plt.close(fig)
+        return True
