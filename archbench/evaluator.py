@@ -31,6 +31,12 @@ class Evaluator:
     # a sweep evaluator that compares trained models gets ``models(run) -> model | None`` as a third argument
     needs_models: ClassVar[bool] = False
 
+    def report(self, fraction: float) -> None:
+        """Tell a progress display how far a long evaluation has got (0..1); a no-op unless one listens."""
+        listener = getattr(self, "on_progress", None)
+        if listener is not None:
+            listener(fraction)
+
     @classmethod
     def check_task(cls, task) -> None:
         """Raise ``UsageError`` before any training if this evaluator cannot serve ``task`` (a registry entry)."""

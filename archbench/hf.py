@@ -352,10 +352,12 @@ class HFStreamModel(nn.Module):
             return self._logits(x)
         inputs: dict[int, torch.Tensor] = {}
         handles = []
+        self._calls = {"x": x, "args": {}}  # each layer's other arguments, for ``resume`` on this x
 
         def before(l):
             def hook(_module, args, kwargs):
                 inputs[l] = args[0] if args else kwargs["hidden_states"]
+                self._calls["args"][l] = (args[1:], {k: v for k, v in kwargs.items() if k != "hidden_states"})
             return hook
 
         def after(l):
@@ -372,6 +374,19 @@ class HFStreamModel(nn.Module):
         finally:
             for handle in handles:
                 handle.remove()
+
+    def resume(self, x, h: torch.Tensor, start: int, intervene: Intervene | None = None):
+        """Logits from stream ``h`` entering decoder layer ``start``, calling each later layer with the
+        arguments (rotary embeddings, masks) it got in the last ``forward`` with ``intervene`` on this
+        same ``x``; None (run in full instead) if there was none."""
+        calls = getattr(self, "_calls", None)
+        if calls is None or calls["x"] is not x or len(calls["args"]) != self.effective_depth:
+            return None
+        for l, layer in enumerate(self.effective_layers()[start:], start):
+            args, kwargs = calls["args"][l]
+            h_out = first_tensor(layer(h, *args, **kwargs))
+            h = h_out if intervene is None else intervene(l, h, h_out)
+        return self.readout(h)
 
     def _logits(self, x):
         out = self.hf(input_ids=x, use_cache=False)

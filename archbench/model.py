@@ -151,6 +151,13 @@ class StreamModel(nn.Module):
     def forward(self, x, intervene: Intervene | None = None):
         return self.readout(self.body(self.embed(x), intervene))
 
+    def resume(self, x, h, start: int, intervene: Intervene | None = None):
+        """Logits from stream ``h`` entering effective layer ``start`` (see ``run``); None for a
+        ``Stack`` subclass, whose layers may need state beyond the stream."""
+        if type(self.body) is not Stack:
+            return None
+        return self.readout(run_layers(self.effective_layers()[start:], h, intervene, start))
+
 
 @dataclasses.dataclass
 class Trace:
@@ -186,28 +193,44 @@ OnLayer = Callable[[int, torch.Tensor, torch.Tensor], torch.Tensor]
 OnSublayer = Callable[[int, str, torch.Tensor], "torch.Tensor | None"]
 
 
-def run(model: nn.Module, x, on_layer: OnLayer | None = None, on_sublayer: OnSublayer | None = None):
+def run(model: nn.Module, x, on_layer: OnLayer | None = None, on_sublayer: OnSublayer | None = None,
+        start: int = 0, h_start: torch.Tensor | None = None):
     """Logits of ``model`` on ``x``, calling ``on_layer(l, h_in, h_out) -> new stream`` after each
     effective layer and ``on_sublayer(l, name, output) -> replacement or None`` on each sublayer
     output (``name`` as in ``sublayer_modules``) of effective layer ``l``. Evaluators record, skip
-    and patch through these two callbacks only."""
-    current = [0]  # effective layer now running; shared modules (recurrence) appear at several l
+    and patch through these two callbacks only.
+
+    With ``start > 0`` the stream entering layer ``start`` is ``h_start`` (taken from a trace of the
+    same ``x``) and the callbacks see layers ``start`` onwards only. A model with a ``resume`` method
+    then runs just those layers; any other model runs in full with ``h_start`` patched in.
+    """
+    current = [start]  # effective layer now running; shared modules (recurrence) appear at several l
     handles = []
     if on_sublayer is not None:
         for layer in {id(m): m for m in model.effective_layers()}.values():
             for name, module in sublayer_modules(model, layer).items():
                 def hook(_m, _i, out, name=name):
+                    if current[0] < start:
+                        return None
                     new = on_sublayer(current[0], name, first_tensor(out))
                     return None if new is None else replace_output(out, new)
                 handles.append(module.register_forward_hook(hook))
 
     def intervene(l, h_in, h_out):
-        h = h_out if on_layer is None else on_layer(l, h_in, h_out)
+        if l < start:
+            h = h_start if l == start - 1 else h_out
+        else:
+            h = h_out if on_layer is None else on_layer(l, h_in, h_out)
         current[0] = l + 1
         return h
 
     try:
-        return model(x, intervene=intervene)
+        resume = getattr(model, "resume", None) if start > 0 else None
+        logits = resume(x, h_start, start, intervene) if resume is not None else None
+        if logits is None:
+            current[0] = 0
+            logits = model(x, intervene=intervene)
+        return logits
     finally:
         for h in handles:
             h.remove()

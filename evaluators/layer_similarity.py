@@ -52,7 +52,7 @@ class LayerSimilarity(Evaluator):
 
     def __init__(self, *,
                  max_tokens: Annotated[int, Range(16, 10_000_000)] = 8192,
-                 lens_tokens: Annotated[int, Range(0, 10_000_000)] = 2048,
+                 lens_tokens: Annotated[int, Range(0, 10_000_000)] = 1024,
                  batch_tokens: Annotated[int, Range(16, 1_000_000)] = 4096,
                  cka: Literal["auto", "exact", "minibatch"] = "auto",
                  cka_batch: Annotated[int, Range(8, 8192)] = 256,
@@ -70,7 +70,8 @@ class LayerSimilarity(Evaluator):
         classes = np.zeros(3)
         per_token_theta = []
         lens_seen = 0
-        for x, y in token_batches(task, self.max_tokens, self.batch_tokens):
+        batches = token_batches(task, self.max_tokens, self.batch_tokens)
+        for b, (x, y) in enumerate(batches):
             tr = trace(model, x)
             s = flat_states(tr.states)  # (L+1, N, D)
             self._stream_stats(s, tr.sublayers, sums)
@@ -81,7 +82,13 @@ class LayerSimilarity(Evaluator):
                 per_token_theta.append(theta.T.cpu())
             cka.add(s)
             if lens_seen < self.lens_tokens:
+                per_example = tr.states[0].shape[1]
+                n = -(-(self.lens_tokens - lens_seen) // per_example)
+                if n < x.shape[0]:  # a part of this batch, traced again on its own (resume needs its trace)
+                    x, y = x[:n], y[:n]
+                    tr = trace(model, x)
                 lens_seen += self._lens(model, task, x, y, tr, sums)
+            self.report((b + 1) / len(batches))
         out = {"tokens": sums.counts["theta"], "depth": L, "per_layer": {}, "per_state": {}}
         for name in ("theta", "phi", "block_influence", "rel_contribution", "cos_contribution", "attn_rel",
                      "attn_cos", "mlp_rel", "mlp_cos", "last_block_loss"):
@@ -118,16 +125,15 @@ class LayerSimilarity(Evaluator):
         sums.add("angle_to_final", angle(s, last.expand_as(s)))
         chord = last - first
         sums.add("chord_progress", ((s - first) * chord).sum(-1) / chord.square().sum(-1).clamp_min(1e-12))
-        a = [sub.get("attn_out") for sub in sublayers]
-        m = [sub.get("mlp_out") for sub in sublayers]
-        if a and all(t is not None for t in a):
-            a = torch.stack([t.reshape(-1, t.shape[-1]) for t in a]).float()
+        # sublayers count only where every layer has them on the traced stream's positions
+        # (an hourglass's inner layers run on a shortened sequence)
+        a, m = (sublayer(sublayers, name, h.shape[1]) for name in ("attn_out", "mlp_out"))
+        if a is not None:
             sums.add("attn_rel", rel_norm(a, h))
             sums.add("attn_cos", cosine(a, h))
         else:
             a = torch.zeros_like(h)
-        if m and all(t is not None for t in m):
-            m = torch.stack([t.reshape(-1, t.shape[-1]) for t in m]).float()
+        if m is not None:
             sums.add("mlp_rel", rel_norm(m, h + a))
             sums.add("mlp_cos", cosine(m, h + a))
         sn = s / s.norm(dim=-1, keepdim=True).clamp_min(1e-12)
@@ -175,8 +181,7 @@ class LayerSimilarity(Evaluator):
         if L >= 1:
             losses = []
             for l in range(L):  # h_l straight into the last layer: replace the last layer's input
-                logits = tr.logits if l == L - 1 else run(
-                    model, x, lambda k, h_in, h_out, l=l: tr.states[l] if k == L - 2 else h_out)
+                logits = tr.logits if l == L - 1 else run(model, x, start=L - 1, h_start=tr.states[l])
                 losses.append(task.loss(logits, y).reshape(1).expand(final.shape[0]))
             sums.add("last_block_loss", torch.stack(losses))
         return final.shape[0]
@@ -221,6 +226,15 @@ class LayerSimilarity(Evaluator):
         fig.savefig(path)
         plt.close(fig)
         return True
+
+
+def sublayer(sublayers: list[dict], name: str, tokens: int) -> torch.Tensor | None:
+    """Tap ``name`` of every layer as one (L, tokens, D) tensor, or None where a layer lacks it or
+    it does not cover the stream's tokens."""
+    outs = [sub.get(name) for sub in sublayers]
+    if not outs or any(t is None or t[..., 0].numel() != tokens for t in outs):
+        return None
+    return torch.stack([t.reshape(tokens, -1) for t in outs]).float()
 
 
 def deepest(result: dict, runs: list[dict]) -> dict | None:

@@ -27,7 +27,7 @@ import torch
 
 import archbench
 from archbench.evaluator import Evaluator
-from archbench.evaluators.layer_similarity import _style, deepest, heat
+from archbench.evaluators.layer_similarity import _style, deepest, heat, sublayer
 from archbench.knobs import Range
 from archbench.measure import Sums, halves, probs_stats, rel_norm, token_batches, tolist
 from archbench.model import run, trace
@@ -58,17 +58,19 @@ class SkipSensitivity(Evaluator):
         L = model.effective_depth
         sums = Sums()
         variants: list[str] = []
-        for x, y in token_batches(task, self.max_tokens, self.batch_tokens):
+        batches = token_batches(task, self.max_tokens, self.batch_tokens)
+        for b, (x, y) in enumerate(batches):
             clean = trace(model, x)
             T = clean.states[0].shape[1]
             variants = ["layer"]
             if self.sublayers and clean.sublayers:
                 variants += [v for v, tap in (("attn", "attn_out"), ("mlp", "mlp_out"))
-                             if all(tap in sub for sub in clean.sublayers)]
+                             if sublayer(clean.sublayers, tap, clean.states[0][..., 0].numel()) is not None]
             variants += ["local"] * self.local + ["future"] * (self.future and T > 1)
-            for variant in variants:
+            for v, variant in enumerate(variants):
                 for s in range(L):
                     self._skip(model, task, x, y, clean, s, variant, sums)
+                    self.report((b + (v + (s + 1) / L) / len(variants)) / len(batches))
         out = {"tokens": sums.counts.get("layer/0/output_l2", 0), "depth": L,
                "skipped_positions": "all but the first" if task.input.kind == "tokens" else "all",
                "variants": {}}
@@ -124,7 +126,7 @@ class SkipSensitivity(Evaluator):
                 return torch.where(skip_at, torch.zeros_like(out), out)
             return None
 
-        logits = run(model, x, on_layer, on_sublayer if variant in ("attn", "mlp") else None)
+        logits = run(model, x, on_layer, on_sublayer if variant in ("attn", "mlp") else None, start=s, h_start=states[s])
         if later:
             sums.add(f"{variant}/{s}/later", torch.stack(later), track_max=True)
         V = logits.shape[-1]

@@ -6,6 +6,7 @@ Nothing is downloaded.
 """
 
 import importlib.util
+import json
 import shutil
 import sys
 
@@ -21,7 +22,9 @@ import transformers  # noqa: E402
 from archbench.errors import ArchbenchError, UsageError  # noqa: E402
 from archbench.hf import (HFStreamModel, HFTextTask, _resolve, first_tensor, load_hf_model,  # noqa: E402
                           replace_output)
-from archbench.model import run, trace  # noqa: E402
+from archbench.evaluators.layer_similarity import LayerSimilarity  # noqa: E402
+from archbench.evaluators.skip_sensitivity import SkipSensitivity  # noqa: E402
+from archbench.model import InputSpec, run, trace  # noqa: E402
 
 
 def close(a, b, rel=1e-4):
@@ -237,6 +240,54 @@ def test_tiny_families(model_type, family):
             close(t.states[l] + t.sublayers[l]["attn_out"] + t.sublayers[l]["mlp_out"], t.states[l + 1])
         skipped = trace(model, x, skip=[0])
         assert torch.equal(skipped.states[1], skipped.states[0])
+
+
+@pytest.mark.parametrize("model_type", ["gpt2", "gpt_neox", "qwen2"])
+def test_resume_runs_only_the_later_layers(model_type):
+    """``run(start=s, h_start=h_s)`` calls the later layers with the arguments they got in the trace."""
+    torch.manual_seed(0)
+    model = HFStreamModel(tiny(model_type).eval())
+    x = torch.randint(0, 97, (2, 16))
+    with torch.no_grad():
+        t = trace(model, x)
+        seen = []
+        logits = run(model, x, lambda l, h_in, h_out: seen.append(l) or h_out, start=1, h_start=t.states[1])
+        close(logits, t.logits)
+        assert seen == [1]
+        sim = LayerSimilarity(lens_tokens=16).evaluate_model(model, TinyTask(x))
+        skip = SkipSensitivity().evaluate_model(model, TinyTask(x))
+    assert set(skip["variants"]) == {"layer", "attn", "mlp", "local", "future"}
+    assert len(sim["per_layer"]["attn_rel"]) == 2 and len(skip["variants"]["layer"]["later_mean"]) == 2
+
+
+class TinyTask:
+    def __init__(self, x):
+        self.x, self.input = x, InputSpec("tokens", 97, 97, x.shape[1])
+
+    def eval_batches(self, batch_size):
+        return [(self.x, self.x.roll(-1, 1))]
+
+    def loss(self, logits, y):
+        return torch.nn.functional.cross_entropy(logits.flatten(0, 1), y.flatten())
+
+
+def test_analyze_smollm2_end_to_end(smol, cli, tmp_path):
+    """`archbench analyze` on the real SmolLM2-135M: the evaluators, the paper-2 summary, resuming."""
+    out = tmp_path / "smol.json"
+    args = ["analyze", "--hf-model", "smollm2-135m", "--tokens", "128", "--seq-len", "32", "--set",
+            "skip-sensitivity.max_tokens=64", "--set", "layer-similarity.lens_tokens=32", "--out", out]
+    r = cli(*args)
+    assert r.returncode == 0, r.stderr
+    res = json.loads(out.read_text())
+    sim, skip = res["metrics"]["layer-similarity"], res["metrics"]["skip-sensitivity"]
+    assert sim["tokens"] == 128 and len(sim["per_layer"]["theta"]) == 30 and len(sim["cka"]) == 31
+    assert sim["cka_method"] == "minibatch" and sim["lens_tokens"] == 32
+    assert skip["tokens"] == 64 and set(skip["variants"]) == {"layer", "attn", "mlp", "local", "future"}
+    assert "paper-2 pattern" in r.stdout and res["peak_rss_mib"] > 0 and len(res["files"]["plots"]) == 2
+    r = cli(*args)  # everything is reused
+    assert r.returncode == 0 and r.stderr.count("reusing the result") == 2
+    r = cli("analyze", "--hf-model", "smollm2-135m", "--evaluators", "alpha-ell")
+    assert r.returncode == 2 and "needs a depth sweep" in r.stderr
 
 
 def test_output_helpers():

@@ -15,7 +15,7 @@ from archbench.evaluators.layer_similarity import LayerSimilarity
 from archbench.evaluators.regime import Regime
 from archbench.evaluators.skip_sensitivity import SkipSensitivity
 from archbench.measure import CKA, angle, linear_cka
-from archbench.model import InputSpec, Readout, StreamModel, Tap, build_model
+from archbench.model import InputSpec, Readout, StreamModel, Tap, build_model, run, trace
 from archbench.registry import BLOCKS
 
 
@@ -182,12 +182,12 @@ def test_the_first_token_is_never_skipped():
 
     real_run = model_module.run
 
-    def spy(m, x, on_layer=None, on_sublayer=None):
+    def spy(m, x, on_layer=None, on_sublayer=None, **resume):
         def wrapped(l, h_in, h_out):
             h = on_layer(l, h_in, h_out)
             seen.append(torch.equal(h[:, 0], h_out[:, 0]))
             return h
-        return real_run(m, x, wrapped if on_layer else None, on_sublayer)
+        return real_run(m, x, wrapped if on_layer else None, on_sublayer, **resume)
 
     import archbench.evaluators.skip_sensitivity as sk
 
@@ -197,6 +197,22 @@ def test_the_first_token_is_never_skipped():
     finally:
         sk.run = orig
     assert seen and all(seen)
+
+
+@pytest.mark.parametrize("name", ["residual", "denseformer", "recurrent-depth"])
+def test_resuming_from_a_traced_state_gives_the_full_forward(name):
+    """run(start=s, h_start=h_s) runs only the later layers where the model can (a plain stack) and
+    patches h_s into a full forward where it cannot (a Stack with state beyond the stream)."""
+    task = TokenTask()
+    model = random_model(name, depth=6, task=task)
+    x = task.x[:4]
+    t = trace(model, x)
+    calls = []
+    for s in (1, 3, model.effective_depth - 1):
+        logits = run(model, x, lambda l, h_in, h_out: calls.append(l) or h_out, start=s, h_start=t.states[s])
+        assert torch.allclose(logits, t.logits, atol=1e-5)
+        assert calls == list(range(s, model.effective_depth))
+        calls.clear()
 
 
 def test_layer_correspondence_finds_inserted_identity_layers():
