@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 
@@ -254,6 +255,8 @@ def test_test_time_depth_evaluates_trained_weights_at_other_recurrences(cli, tmp
     assert got["trained_recurrence"] == 2
     assert [v["effective_depth"] for v in got["by_recurrence"].values()] == [3, 4, 8]
     # at the trained r it is the run's own held-out loss (same fixed batches), elsewhere it differs
-    assert got["by_recurrence"]["2"]["loss"] == pytest.approx(run["final_loss"], rel=1e-6)
+    # bit-for-bit on CPU; on CUDA training measured its loss under bf16 autocast, the evaluator in float32
+    rel = 1e-3 if torch.cuda.is_available() else 1e-6
+    assert got["by_recurrence"]["2"]["loss"] == pytest.approx(run["final_loss"], rel=rel)
     assert got["by_recurrence"]["6"]["loss"] != pytest.approx(run["final_loss"], rel=1e-3)
     assert out.with_suffix(".test-time-depth.png").exists()

@@ -273,6 +273,19 @@ def test_every_block_is_measurable(name):
     json.dumps(sim), json.dumps(skip)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_evaluators_run_on_cuda(dtype):
+    task = TokenTask()
+    task.x, task.y = task.x.cuda(), task.y.cuda()
+    model = random_model("residual", depth=4, task=task).cuda().to(dtype)
+    sim = LayerSimilarity(lens_tokens=32).evaluate_model(model, task)
+    skip = SkipSensitivity().evaluate_model(model, task)
+    cpu = LayerSimilarity(lens_tokens=32).evaluate_model(model.cpu().float(), TokenTask())
+    assert np.allclose(sim["per_layer"]["theta"], cpu["per_layer"]["theta"], rtol=0.05 if dtype == torch.bfloat16 else 1e-4)
+    assert np.isfinite(skip["variants"]["layer"]["output_l2"]).all()
+
+
 def test_eval_runs_the_measurement_suite_end_to_end(cli, tmp_path):
     base = ["eval", "--preset", "smoke", "--depths", "2,4", "--set", "train.steps=60", "--runs-dir", tmp_path / "runs"]
     out = tmp_path / "r.json"
