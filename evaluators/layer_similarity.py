@@ -106,7 +106,11 @@ class LayerSimilarity(Evaluator):
         out["prunable"] = [{"n": n, "start": int(i), "distance": float(dist[i, i + n])}
                            for n in range(1, L) for i in [int(np.argmin([dist[j, j + n] for j in range(L + 1 - n)]))]]
         out["cka"], out["cka_method"] = tolist(cka.matrix()), cka.method
+        # first against second half of the layers (paper 2), also without the first and last layer,
+        # whose large updates (embedding read-in, unembedding write-out) can dominate a half
         out["halves"] = {k: halves(out["per_layer"][k]) for k in ("rel_contribution", "cos_contribution", "theta")}
+        out["halves_inner"] = {k: halves(out["per_layer"][k], skip_ends=True)
+                               for k in ("rel_contribution", "cos_contribution", "theta")}
         if self.per_token:
             out["per_token_theta"] = torch.cat(per_token_theta).tolist()
         return out

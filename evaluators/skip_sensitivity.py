@@ -93,6 +93,8 @@ class SkipSensitivity(Evaluator):
         out["depth_score"] = sum(s * v for s, v in enumerate(e)) / total if total > 0 else None
         out["depth_score_relative"] = out["depth_score"] / (L - 1) if out["depth_score"] is not None else None
         out["halves"] = {"output_l2": halves(out["variants"]["layer"]["output_l2"]), "effect_on_later": halves(e)}
+        out["halves_inner"] = {"output_l2": halves(out["variants"]["layer"]["output_l2"], skip_ends=True),
+                               "effect_on_later": halves(e[1:])}  # e stops before the last layer
         return out
 
     def _skip(self, model, task, x, y, clean, s, variant, sums: Sums):

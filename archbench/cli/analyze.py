@@ -143,11 +143,13 @@ def summary_lines(result: dict) -> list[str]:
             lines.append(f"depth score {skip['depth_score']:.2f} of {skip['depth'] - 1} "
                          f"(relative {skip['depth_score_relative']:.2f})")
     if sim and skip:
-        first_more = sim["halves"]["rel_contribution"]["first_half"] > sim["halves"]["rel_contribution"]["second_half"]
-        less_skippable = skip["halves"]["output_l2"]["first_half"] > skip["halves"]["output_l2"]["second_half"]
-        holds = first_more and less_skippable
-        lines.append("paper-2 pattern (first half contributes more and is less skippable): "
-                     + ("holds" if holds else "does not hold"))
+        for key, where in (("halves", "all layers"), ("halves_inner", "without the first and last layer")):
+            c, o = sim[key]["rel_contribution"], skip[key]["output_l2"]
+            if c and o:
+                holds = c["first_half"] > c["second_half"] and o["first_half"] > o["second_half"]
+                lines.append(f"paper-2 pattern (first half contributes more and is less skippable), {where}: "
+                             f"{'holds' if holds else 'does not hold'} (contribution {c['first_half']:.3f} vs "
+                             f"{c['second_half']:.3f}, skip ‖Δp‖₂ {o['first_half']:.4f} vs {o['second_half']:.4f})")
     return lines
 
 
