@@ -76,3 +76,22 @@ def figure(path: Path, xlabel: str, ylabel: str, legend_size: float | None = Non
         fig.savefig(path)
     finally:
         plt.close(fig)
+
+
+@contextlib.contextmanager
+def panels(path: Path, rows: int, cols: int, size: tuple[float, float], title: str | None = None):
+    """``(fig, axes)`` for a multi-panel figure, saved to ``path`` as a PNG on exit."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(rows, cols, figsize=size, dpi=110)
+    try:
+        yield fig, ax
+        if title:
+            fig.suptitle(title)
+        fig.tight_layout()
+        fig.savefig(path)
+    finally:
+        plt.close(fig)

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 import archbench
-from archbench.evaluator import Evaluator
+from archbench.evaluator import Evaluator, panels
 from archbench.evaluators.layer_similarity import heat
 from archbench.knobs import Range
 from archbench.measure import flat_states, token_batches, tolist
@@ -94,20 +94,12 @@ class LayerCorrespondence(Evaluator):
     def plot(self, result: dict, runs: list[dict], path: Path) -> bool:
         if not result.get("pairs"):
             return False
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
         p = min(result["pairs"], key=lambda p: (p["shallow"], p["seed"]))
-        fig, ax = plt.subplots(figsize=(6, 4.5), dpi=110)
-        heat(ax, p["relative_error"], f"relative error, depth {p['shallow']} → {p['deep']}", fig,
-             xlabel=f"state j of the depth-{p['deep']} model", ylabel=f"state i of the depth-{p['shallow']} model")
-        rows = np.arange(p["shallow"] + 1)
-        ax.plot(p["best_target"], rows, "wo", ms=5, label="best match")
-        ax.plot(rows * p["deep"] / p["shallow"], rows, "r--", lw=1, label="equal relative depth")
-        ax.legend(fontsize=8, loc="lower left")
-        fig.tight_layout()
-        fig.savefig(path)
-        plt.close(fig)
+        with panels(path, 1, 1, (6, 4.5)) as (fig, ax):
+            heat(ax, p["relative_error"], f"relative error, depth {p['shallow']} → {p['deep']}", fig,
+                 xlabel=f"state j of the depth-{p['deep']} model", ylabel=f"state i of the depth-{p['shallow']} model")
+            rows = np.arange(p["shallow"] + 1)
+            ax.plot(p["best_target"], rows, "wo", ms=5, label="best match")
+            ax.plot(rows * p["deep"] / p["shallow"], rows, "r--", lw=1, label="equal relative depth")
+            ax.legend(fontsize=8, loc="lower left")
         return True

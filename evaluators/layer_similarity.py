@@ -34,7 +34,7 @@ import numpy as np
 import torch
 
 import archbench
-from archbench.evaluator import Evaluator
+from archbench.evaluator import Evaluator, panels
 from archbench.knobs import Range
 from archbench.measure import (CKA, Sums, angle, cosine, flat_states, halves, probs_stats, rel_norm, token_batches,
                                tolist)
@@ -194,41 +194,32 @@ class LayerSimilarity(Evaluator):
         res = deepest(result, runs)
         if res is None:
             return False
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        fig, ax = plt.subplots(2, 3, figsize=(13, 7.5), dpi=110)
-        layers = np.arange(1, res["depth"] + 1)
-        pl, ps = res["per_layer"], res["per_state"]
-        ax[0, 0].plot(layers, pl["theta"], "o-", label="θ_l update angle")
-        if "phi" in pl:
-            ax[0, 0].plot(layers[:-1] + 0.5, pl["phi"], "s-", label="φ_l neighbouring updates")
-        ax[0, 0].axhline(np.pi / 2, color="grey", lw=0.8, ls=":")
-        _style(ax[0, 0], "layer", "radians", "update angles")
-        for key, label in (("rel_contribution", "layer ‖c‖/‖h‖"), ("attn_rel", "attention"), ("mlp_rel", "MLP")):
-            if key in pl:
-                ax[0, 1].plot(layers, pl[key], "o-", label=label)
-        ax[0, 1].set_yscale("log")
-        _style(ax[0, 1], "layer", "relative contribution", "contribution (Csordás)")
-        for key, label in (("cos_contribution", "layer"), ("attn_cos", "attention"), ("mlp_cos", "MLP")):
-            if key in pl:
-                ax[0, 2].plot(layers, pl[key], "o-", label=label)
-        ax[0, 2].axhline(0, color="grey", lw=0.8)
-        _style(ax[0, 2], "layer", "cos(contribution, residual)", "writes new (<0) or reinforces (>0)")
-        if "lens_kl" in ps:
-            states = np.arange(res["depth"] + 1)
-            ax[1, 0].plot(states, ps["lens_kl"], "o-", label="KL(p_l ‖ p_L)")
-            ax[1, 0].plot(states, ps["lens_top5"], "s-", label="top-5 overlap")
-            ax[1, 0].set_yscale("symlog", linthresh=1e-2)
-        _style(ax[1, 0], "state l", "", "logit lens")
-        heat(ax[1, 1], res["angular_distance"], "angular distance /π", fig)
-        heat(ax[1, 2], res["cka"], f"linear CKA ({res['cka_method']})", fig)
-        fig.suptitle(f"layer-similarity, depth {res['depth']} ({res['tokens']} tokens)")
-        fig.tight_layout()
-        fig.savefig(path)
-        plt.close(fig)
+        with panels(path, 2, 3, (13, 7.5), f"layer-similarity, depth {res['depth']} ({res['tokens']} tokens)") as (fig, ax):
+            layers = np.arange(1, res["depth"] + 1)
+            pl, ps = res["per_layer"], res["per_state"]
+            ax[0, 0].plot(layers, pl["theta"], "o-", label="θ_l update angle")
+            if "phi" in pl:
+                ax[0, 0].plot(layers[:-1] + 0.5, pl["phi"], "s-", label="φ_l neighbouring updates")
+            ax[0, 0].axhline(np.pi / 2, color="grey", lw=0.8, ls=":")
+            _style(ax[0, 0], "layer", "radians", "update angles")
+            for key, label in (("rel_contribution", "layer ‖c‖/‖h‖"), ("attn_rel", "attention"), ("mlp_rel", "MLP")):
+                if key in pl:
+                    ax[0, 1].plot(layers, pl[key], "o-", label=label)
+            ax[0, 1].set_yscale("log")
+            _style(ax[0, 1], "layer", "relative contribution", "contribution (Csordás)")
+            for key, label in (("cos_contribution", "layer"), ("attn_cos", "attention"), ("mlp_cos", "MLP")):
+                if key in pl:
+                    ax[0, 2].plot(layers, pl[key], "o-", label=label)
+            ax[0, 2].axhline(0, color="grey", lw=0.8)
+            _style(ax[0, 2], "layer", "cos(contribution, residual)", "writes new (<0) or reinforces (>0)")
+            if "lens_kl" in ps:
+                states = np.arange(res["depth"] + 1)
+                ax[1, 0].plot(states, ps["lens_kl"], "o-", label="KL(p_l ‖ p_L)")
+                ax[1, 0].plot(states, ps["lens_top5"], "s-", label="top-5 overlap")
+                ax[1, 0].set_yscale("symlog", linthresh=1e-2)
+            _style(ax[1, 0], "state l", "", "logit lens")
+            heat(ax[1, 1], res["angular_distance"], "angular distance /π", fig)
+            heat(ax[1, 2], res["cka"], f"linear CKA ({res['cka_method']})", fig)
         return True
 
 

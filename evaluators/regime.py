@@ -26,7 +26,7 @@ from typing import Annotated
 import numpy as np
 
 import archbench
-from archbench.evaluator import Evaluator
+from archbench.evaluator import Evaluator, panels
 from archbench.evaluators.alpha_ell import AlphaEll
 from archbench.knobs import Range
 
@@ -95,32 +95,23 @@ class Regime(Evaluator):
         by_depth = result.get("evidence_by_depth") or {}
         if not by_depth:
             return False
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        fig, ax = plt.subplots(1, 3, figsize=(13, 4), dpi=110)
-        ok = [r for r in runs if r["status"] == "ok"]
-        ax[0].loglog([r["effective_depth"] for r in ok], [r["final_loss"] for r in ok], "o")
-        a = result["evidence"].get("alpha")
-        ax[0].set_title(f"test loss, α_ℓ = {a:.2f}" if a is not None else "test loss", fontsize=10)
-        depths = [int(d) for d in by_depth]
-        for i, (key, label, lines) in enumerate((
-                ("phi_mid", "φ_mid (rad)", [(self.phi_smooth, "smooth below"), (self.phi_uncorrelated, "uncorrelated above")]),
-                ("later_effect", "mean skip effect on later layers", [(self.later_break, "breaks above")])), 1):
-            ax[i].plot(depths, [v[key] for v in by_depth.values()], "o-")
-            for y, text in lines:
-                ax[i].axhline(y, color="grey", ls=":", lw=1)
-                ax[i].text(depths[0], y, text, fontsize=7, va="bottom")
-            ax[i].set_ylabel(label)
-        for axis in ax:
-            axis.set_xlabel("effective depth")
-            axis.grid(True, alpha=0.3)
-        fig.suptitle(f"regime: {result['regime']}")
-        fig.tight_layout()
-        fig.savefig(path)
-        plt.close(fig)
+        with panels(path, 1, 3, (13, 4), f"regime: {result['regime']}") as (fig, ax):
+            ok = [r for r in runs if r["status"] == "ok"]
+            ax[0].loglog([r["effective_depth"] for r in ok], [r["final_loss"] for r in ok], "o")
+            a = result["evidence"].get("alpha")
+            ax[0].set_title(f"test loss, α_ℓ = {a:.2f}" if a is not None else "test loss", fontsize=10)
+            depths = [int(d) for d in by_depth]
+            for i, (key, label, lines) in enumerate((
+                    ("phi_mid", "φ_mid (rad)", [(self.phi_smooth, "smooth below"), (self.phi_uncorrelated, "uncorrelated above")]),
+                    ("later_effect", "mean skip effect on later layers", [(self.later_break, "breaks above")])), 1):
+                ax[i].plot(depths, [v[key] for v in by_depth.values()], "o-")
+                for y, text in lines:
+                    ax[i].axhline(y, color="grey", ls=":", lw=1)
+                    ax[i].text(depths[0], y, text, fontsize=7, va="bottom")
+                ax[i].set_ylabel(label)
+            for axis in ax:
+                axis.set_xlabel("effective depth")
+                axis.grid(True, alpha=0.3)
         return True
 
 

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 import archbench
-from archbench.evaluator import Evaluator
+from archbench.evaluator import Evaluator, panels
 from archbench.evaluators.layer_similarity import _style, deepest, heat, sublayer
 from archbench.knobs import Range
 from archbench.measure import Sums, halves, probs_stats, rel_norm, token_batches, tolist
@@ -148,25 +148,16 @@ class SkipSensitivity(Evaluator):
         res = deepest(result, runs)
         if res is None:
             return False
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        fig, ax = plt.subplots(1, 3, figsize=(14, 4.2), dpi=110)
-        heat(ax[0], res["variants"]["layer"]["later_max"], "skip s: max ‖Δc_j‖/‖c_j‖", fig,
-             xlabel="later layer j", ylabel="skipped layer s")
-        layers = np.arange(res["depth"])
-        for variant, r in res["variants"].items():
-            ax[1].plot(layers, r["output_l2"], "o-", label=variant)
-        ax[1].set_yscale("log")
-        _style(ax[1], "skipped layer s", "‖p − p̃‖₂ (token mean)", "effect on the output")
-        ax[2].plot(layers[:-1], res["effect_on_later"], "o-", label="mean effect on later layers")
-        if res["depth_score"] is not None:
-            ax[2].axvline(res["depth_score"], color="k", ls=":", label=f"depth score {res['depth_score']:.2f}")
-        _style(ax[2], "skipped layer s", "mean ‖Δc_j‖/‖c_j‖", "effect on later layers")
-        fig.suptitle(f"skip-sensitivity, depth {res['depth']} ({res['tokens']} tokens)")
-        fig.tight_layout()
-        fig.savefig(path)
-        plt.close(fig)
+        with panels(path, 1, 3, (14, 4.2), f"skip-sensitivity, depth {res['depth']} ({res['tokens']} tokens)") as (fig, ax):
+            heat(ax[0], res["variants"]["layer"]["later_max"], "skip s: max ‖Δc_j‖/‖c_j‖", fig,
+                 xlabel="later layer j", ylabel="skipped layer s")
+            layers = np.arange(res["depth"])
+            for variant, r in res["variants"].items():
+                ax[1].plot(layers, r["output_l2"], "o-", label=variant)
+            ax[1].set_yscale("log")
+            _style(ax[1], "skipped layer s", "‖p − p̃‖₂ (token mean)", "effect on the output")
+            ax[2].plot(layers[:-1], res["effect_on_later"], "o-", label="mean effect on later layers")
+            if res["depth_score"] is not None:
+                ax[2].axvline(res["depth_score"], color="k", ls=":", label=f"depth score {res['depth_score']:.2f}")
+            _style(ax[2], "skipped layer s", "mean ‖Δc_j‖/‖c_j‖", "effect on later layers")
         return True
