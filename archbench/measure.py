@@ -77,9 +77,17 @@ def flat_states(states: list[torch.Tensor]) -> torch.Tensor:
     return torch.stack([s.reshape(-1, s.shape[-1]) for s in states]).float()
 
 
-def probs_stats(logits: torch.Tensor, ref_logits: torch.Tensor, top: int = 5) -> dict[str, torch.Tensor]:
+def probs_stats(logits: torch.Tensor, ref_logits: torch.Tensor, top: int = 5, chunk: int = 512) -> dict[str, torch.Tensor]:
     """Per-token comparisons of a prediction with a reference one (both (N, V) logits):
-    ‖p − p_ref‖₂, KL(p_ref ‖ p), KL(p ‖ p_ref), top-1 agreement and top-k overlap."""
+    ‖p − p_ref‖₂, KL(p_ref ‖ p), KL(p ‖ p_ref), top-1 agreement and top-k overlap. Works through
+    ``chunk`` tokens at a time: with an LLM's vocabulary the float copies are the largest tensors here."""
+    if logits.shape[0] > chunk:
+        parts = [_probs_stats(a, b, top) for a, b in zip(logits.split(chunk), ref_logits.split(chunk))]
+        return {k: torch.cat([part[k] for part in parts]) for k in parts[0]}
+    return _probs_stats(logits, ref_logits, top)
+
+
+def _probs_stats(logits, ref_logits, top):
     lp, lq = F.log_softmax(logits.float(), -1), F.log_softmax(ref_logits.float(), -1)
     p, q = lp.exp(), lq.exp()
     k = min(top, logits.shape[-1])
