@@ -132,7 +132,8 @@ class SkipSensitivity(Evaluator):
         if later:
             sums.add(f"{variant}/{s}/later", torch.stack(later), track_max=True)
         V = logits.shape[-1]
-        st = probs_stats(logits.reshape(-1, V)[keep], clean.logits.reshape(-1, V)[keep])
+        pick = (lambda t: t) if variant != "future" else (lambda t: t[keep])  # no copy of (tokens, V) unless needed
+        st = probs_stats(pick(logits.reshape(-1, V)), pick(clean.logits.reshape(-1, V)))
         n = int(keep.sum())
         sums.add(f"{variant}/{s}/output_l2", st["l2"], track_max=True)
         sums.add(f"{variant}/{s}/output_kl", st["kl_ref_to"])
