@@ -16,9 +16,11 @@ EPS = 1e-6  # clamp for norms in denominators (as in Csordás et al.)
 
 
 def token_batches(task, max_tokens: int, batch_size: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """The task's held-out batches, cut so that at most ``max_tokens`` positions are measured."""
+    """The task's held-out batches of about ``batch_size`` tokens (positions), cut so that at most
+    ``max_tokens`` are measured."""
     out, seen = [], 0
-    for x, y in task.eval_batches(batch_size):
+    per_example = task.input.seq_len if task.input.kind == "tokens" else 1
+    for x, y in task.eval_batches(max(1, batch_size // per_example)):
         per_example = x.shape[1] if task.input.kind == "tokens" else 1
         room = (max_tokens - seen) // per_example
         if room <= 0:

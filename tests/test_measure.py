@@ -309,3 +309,12 @@ def test_eval_runs_the_measurement_suite_end_to_end(cli, tmp_path):
     assert [v["tokens"] for v in res["metrics"]["layer-similarity"]["per_run"].values()] == [64, 64]
     r = cli(*base, "--evaluators", "regime", "--set", "regime.alpha_band=lots")
     assert r.returncode == 2 and "alpha_band" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_token_batches_count_positions_not_examples():
+    from archbench.measure import token_batches
+
+    batches = token_batches(TokenTask(seq_len=8, n=16), max_tokens=100, batch_size=32)
+    assert [x.shape for x, _ in batches] == [(4, 8), (4, 8), (4, 8)]  # 32-token batches, 96 ≤ 100 tokens
+    vectors = token_batches(StubTask(torch.ones(10, 2)), max_tokens=7, batch_size=64)
+    assert sum(len(x) for x, _ in vectors) == 7
