@@ -35,7 +35,7 @@ from archbench.errors import ArchbenchError, UsageError
 from archbench.model import InputSpec, Intervene, first_tensor, replace_output
 from archbench.task import Task
 
-__all__ = ["load_hf_model", "load_hf_stream", "HFStreamModel", "HFTextTask", "first_tensor", "replace_output",
+__all__ = ["load_hf_model", "HFStreamModel", "HFTextTask", "first_tensor", "replace_output",
            "SUPPORTED_MODEL_TYPES", "SMOLLM2_NAMES"]
 
 INSTALL_HF = 'pip install "archbench[hf]"'
@@ -242,13 +242,6 @@ def load_hf_model(name_or_path: str | os.PathLike, device: str | torch.device = 
     model = model.to(device).eval()
     model.archbench_source = source
     return model, tokenizer
-
-
-def load_hf_stream(name_or_path: str | os.PathLike, device: str | torch.device = "cpu",
-                   dtype: torch.dtype = torch.float32):
-    """``(HFStreamModel, tokenizer)``: ``load_hf_model`` wrapped in the protocol."""
-    model, tokenizer = load_hf_model(name_or_path, device=device, dtype=dtype)
-    return HFStreamModel(model), tokenizer
 
 
 # --------------------------------------------------------------------------------------------- the model
@@ -472,12 +465,6 @@ class HFTextTask(Task):
 
     def loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
-
-    def metrics(self, logits, targets) -> dict:
-        return {}
-
-    def solved(self, metrics: dict) -> None:
-        return None
 
     def describe(self) -> dict[str, Any]:
         return {"text": self.text_source, "tokens": self.n_windows * self.seq_len, "windows": self.n_windows,

@@ -19,9 +19,9 @@ def token_batches(task, max_tokens: int, batch_size: int) -> list[tuple[torch.Te
     """The task's held-out batches of about ``batch_size`` tokens (positions), cut so that at most
     ``max_tokens`` are measured."""
     out, seen = [], 0
-    per_example = task.input.seq_len if task.input.kind == "tokens" else 1
-    for x, y in task.eval_batches(max(1, batch_size // per_example)):
-        per_example = x.shape[1] if task.input.kind == "tokens" else 1
+    tokens = task.input.kind == "tokens"
+    for x, y in task.eval_batches(max(1, batch_size // (task.input.seq_len if tokens else 1))):
+        per_example = x.shape[1] if tokens else 1
         room = (max_tokens - seen) // per_example
         if room <= 0:
             break

@@ -31,8 +31,8 @@ from archbench.evaluators.layer_similarity import _style, deepest, heat, sublaye
 from archbench.knobs import Range
 from archbench.measure import Sums, halves, probs_stats, rel_norm, token_batches, tolist
 from archbench.model import run, trace
+from archbench.task import IGNORE  # targets before t are not scored in the future variant
 
-IGNORE = -100  # F.cross_entropy's ignore_index: targets before t are not scored in the future variant
 OUTPUT = ("output_l2", "output_kl", "top1_flip", "loss_increase")
 
 
