@@ -55,6 +55,7 @@ class EvalSpec:
     device: str = "auto"
     runs_dir: str = "runs"
     out: str | None = None
+    plots: bool = True  # evaluators' figures beside the result JSON (a search turns them off)
 
 
 def parse_sets(items: list[str]) -> dict[str, dict[str, str]]:
@@ -175,7 +176,11 @@ def run_determinants(block: Entry, task: Entry, config: dict, depth: int, seed: 
             "seed": seed}
 
 
-def run_eval(spec: EvalSpec, console=None) -> dict:
+def run_eval(spec: EvalSpec, console=None, on_run=None) -> dict:
+    """Train (or find cached) every run of the sweep, then run the evaluators; returns the result dict.
+
+    ``on_run(runs, task)`` is called after each run with the runs so far (a search reports
+    intermediate values from it, and may stop the sweep by raising)."""
     console = console or Console(stderr=True)
     config = resolve_config(spec)
     device = resolve_device(spec.device)
@@ -221,6 +226,8 @@ def run_eval(spec: EvalSpec, console=None) -> dict:
                          "solved": record.get("solved"), "vary": vary, "failure": record.get("failure"),
                          "cached": cached})
             progress.advance(sweep_bar)
+            if on_run is not None:
+                on_run(runs, task)
 
     out = Path(spec.out) if spec.out else (Path(spec.runs_dir) / "results" /
                                            f"{spec.block}__{spec.task}__{run_key(config)[:8]}.json")
@@ -235,7 +242,7 @@ def run_eval(spec: EvalSpec, console=None) -> dict:
         return ev.evaluate_sweep(rs, task, models) if ev.needs_models else ev.evaluate_sweep(rs, task)
 
     def plot(name, ev, res, rs, suffix=""):
-        if ev.plot(res, rs, path := out.with_suffix(f".{name}{suffix}.png")):
+        if spec.plots and ev.plot(res, rs, path := out.with_suffix(f".{name}{suffix}.png")):
             plots.append(str(path))
 
     for name, ev in evaluators.items():

@@ -1,0 +1,357 @@
+"""Leaderboards: tables built from run records (and studies), never edited by hand.
+
+Records are grouped into sweeps (everything that determines a run but its depth and seed); each
+sweep is one row, with α_ℓ and the regime recomputed from its records by the same evaluators that
+``archbench eval`` uses. Rows sharing a task configuration and a training budget form one table,
+written as Markdown (for reading), CSV and JSON (for tools). A rebuild merges into the tables already
+there: a row is replaced only by a newer build of the same sweep, so nothing already published is
+lost. Records are validated on ingestion; a malformed or foreign file is reported and skipped.
+"""
+
+from __future__ import annotations
+
+import csv
+import datetime
+import io
+import json
+import math
+import sys
+import warnings
+from pathlib import Path
+from typing import Any
+
+import archbench
+from archbench.errors import ArchbenchError
+from archbench.knobs import knobs_of, resolve
+from archbench.records import RECORD_VERSION, atomic_write_text, run_key
+
+TABLE_VERSION = 1
+
+# field -> (type, required); "spec" holds what determined the run
+_RECORD_FIELDS = {"key": (str, True), "record_version": (int, True), "block": (str, True), "task": (str, True),
+                  "depth": (int, True), "effective_depth": (int, True), "seed": (int, True), "status": (str, True),
+                  "spec": (dict, True), "params": (int, True), "wall_s": ((int, float), True), "env": (dict, True),
+                  "metrics": (dict, True), "final_loss": ((int, float, type(None)), True)}
+_SPEC_FIELDS = ("block", "block_cfg", "task", "task_cfg", "model", "train", "depth", "seed", "archbench")
+
+COLUMNS = {
+    "block": "registered block name",
+    "config": "block knobs and model settings that differ from their defaults",
+    "params": "trainable parameters at the largest depth",
+    "depths": "effective depths trained (prelude + r·core + coda for recurrent blocks)",
+    "seeds": "seeds per depth",
+    "alpha": "α_ℓ: slope of log held-out loss against log effective depth (1 = ensemble averaging)",
+    "alpha_ci95": "bootstrap 95 % interval of α_ℓ (none when the runs leave no freedom to resample)",
+    "loss": "held-out loss at the largest depth (mean over seeds)",
+    "depth_to_solve": "smallest effective depth whose runs solve the task (tasks with a notion of solved)",
+    "phi_mid": "mean angle between neighbouring updates over the middle layers of the deepest model (rad; "
+               "π/2 = uncorrelated, small = smooth)",
+    "later_effect": "mean relative change of the later layers' updates when one layer is skipped (deepest model)",
+    "depth_score": "where along depth skipping matters most (0 = first layer, 1 = last)",
+    "regime": "ensemble-averaging / compositional / procedural / undetermined (rule in `archbench list "
+              "evaluators -v regime`)",
+    "train_s": "training wall time of all the row's runs (s)",
+    "device": "where the runs trained",
+    "version": "archbench version and git commit of the runs",
+    "source": "how the sweep was chosen: a named search trial, or blank for a listed eval",
+    "id": "the sweep's id; the JSON lists its run records",
+}
+
+
+def validate_record(data: Any, path: Path) -> str | None:
+    """Why ``data`` (read from ``path``) is not a usable archbench run record, or None if it is."""
+    if not isinstance(data, dict):
+        return "not a JSON object"
+    for field, (types, required) in _RECORD_FIELDS.items():
+        if field not in data:
+            return f"no '{field}'"
+        if not isinstance(data[field], types) or (types is int and isinstance(data[field], bool)):
+            return f"'{field}' has the wrong type ({type(data[field]).__name__})"
+    if data["record_version"] != RECORD_VERSION:
+        return f"record_version {data['record_version']} (this archbench reads {RECORD_VERSION})"
+    if data["key"] != path.stem:
+        return f"its key {data['key']!r} does not match the file name"
+    missing = [f for f in _SPEC_FIELDS if f not in data["spec"]]
+    if missing:
+        return f"its spec lacks {', '.join(missing)}"
+    return None
+
+
+def load_records(runs_dirs: list[str | Path]) -> tuple[list[dict], list[str]]:
+    """Every valid run record under ``RUNS_DIR/records``; and one line per file skipped."""
+    records, skipped = [], []
+    for d in runs_dirs:
+        folder = Path(d) / "records"
+        if not folder.is_dir():
+            skipped.append(f"{d}: no records folder")
+            continue
+        for path in sorted(folder.glob("*.json")):
+            try:
+                data = json.loads(path.read_text())
+            except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+                skipped.append(f"{path}: unreadable ({type(e).__name__})")
+                continue
+            why = validate_record(data, path)
+            if why:
+                skipped.append(f"{path}: {why}")
+                continue
+            data["_dir"] = str(d)
+            records.append(data)
+    return records, skipped
+
+
+def sweep_id(record: dict) -> str:
+    return run_key({k: v for k, v in record["spec"].items() if k not in ("depth", "seed")})[:12]
+
+
+def _diff(values: dict, defaults: dict) -> dict:
+    return {k: v for k, v in values.items() if k in defaults and defaults[k] != v}
+
+
+def table_identity(task_name: str, task_cfg: dict, train: dict) -> tuple[str, str | None, dict]:
+    """(table name, preset, task knobs that differ from the preset's): one table per comparable budget."""
+    from archbench.registry import TASKS
+    from archbench.train import TrainConfig
+
+    task = TASKS.get(task_name).obj
+    preset_name, base_task = None, resolve(task, "task", {})
+    for name, preset in task.presets.items():
+        if resolve(TrainConfig, "train", preset.get("train", {})) == train:
+            preset_name, base_task = name, resolve(task, "task", preset.get("task", {}))
+            break
+    diff = _diff(task_cfg, base_task)
+    name = task_name + "".join(f"__{k}-{v}" for k, v in diff.items())
+    if preset_name:
+        name += f"__{preset_name}"
+    else:
+        name += "__train-" + run_key(train)[:6]
+    return name, preset_name, diff
+
+
+def build_rows(records: list[dict], studies: dict[str, list] | None = None) -> dict[str, dict]:
+    """Tables (name -> {meta, rows}) from records; ``studies`` maps a study name to its trials."""
+    from archbench.registry import BLOCKS, EVALUATORS, TASKS
+    from archbench.sweep import ModelConfig, make_task
+
+    by_sweep: dict[str, list[dict]] = {}
+    for r in records:
+        by_sweep.setdefault(sweep_id(r), []).append(r)
+    tables: dict[str, dict] = {}
+    task_objects: dict[str, Any] = {}
+    for sid, runs in sorted(by_sweep.items()):
+        spec = runs[0]["spec"]
+        if spec["task"] not in TASKS or spec["block"] not in BLOCKS:
+            kind = "task" if spec["task"] not in TASKS else "block"
+            warnings.warn(f"skipping sweep {sid} ({len(runs)} records): {kind} {spec[kind]!r} is not registered "
+                          f"here (pass its file with --plugins)")
+            continue
+        name, preset, task_diff = table_identity(spec["task"], spec["task_cfg"], spec["train"])
+        tkey = run_key(spec["task_cfg"])
+        if tkey not in task_objects:
+            import torch
+
+            task_objects[tkey] = make_task(TASKS.get(spec["task"]), spec["task_cfg"], torch.device("cpu"))
+        task = task_objects[tkey]
+        row = sweep_row(sid, runs, task, BLOCKS.get(spec["block"]), ModelConfig, EVALUATORS,
+                        TASKS.get(spec["task"]).obj.solve_metric is not None, studies or {})
+        table = tables.setdefault(name, {"task": spec["task"], "task_cfg": spec["task_cfg"], "task_diff": task_diff,
+                                         "preset": preset, "train": spec["train"], "rows": {}})
+        table["rows"][sid] = row
+    return tables
+
+
+def sweep_row(sid, runs, task, block, model_config, evaluators, solvable: bool, studies: dict) -> dict:
+    import dataclasses
+
+    spec = runs[0]["spec"]
+    runs = [{**r, "vary": {}} for r in sorted(runs, key=lambda r: (r["effective_depth"], r["seed"]))]
+    ok = [r for r in runs if r["status"] == "ok"]
+    deepest = [r for r in ok if r["effective_depth"] == max(x["effective_depth"] for x in ok)] if ok else []
+    alpha = evaluators.get("alpha-ell").obj().evaluate_sweep(runs, task)
+    regime = evaluators.get("regime").obj().evaluate_sweep(runs, task)
+    ev = regime["evidence"]
+    has_evidence = ev.get("phi_mid") is not None and ev.get("later_effect") is not None
+    defaults = {k: kn.default for k, kn in knobs_of(block.obj).items()}
+    model_defaults = {f.name: f.default for f in dataclasses.fields(model_config)}
+    config = {**_diff(spec["block_cfg"], defaults), **_diff(spec["model"], model_defaults)}
+    if "width" in config:
+        config["width"] = config.pop("width")
+    row = {"id": sid, "block": spec["block"], "config": config,
+           "params": max((r["params"] for r in runs), default=None),
+           "depths": sorted({r["effective_depth"] for r in runs}), "seeds": len({r["seed"] for r in runs}),
+           "alpha": alpha.get("value"), "alpha_ci95": alpha.get("ci95"),
+           "loss": _mean([r["final_loss"] for r in deepest]),
+           "depth_to_solve": None, "phi_mid": ev.get("phi_mid"), "later_effect": ev.get("later_effect"),
+           "depth_score": ev.get("depth_score_relative"),
+           "regime": regime["regime"] if has_evidence else None,
+           "failed_runs": len(runs) - len(ok),
+           "train_s": round(sum(r["wall_s"] for r in runs), 1),
+           "device": sorted({_device(r["env"]) for r in runs}),
+           "version": sorted({f"{r['spec']['archbench']}@{_short(r['env'].get('git_commit'))}" for r in runs}),
+           "source": _source(spec, studies), "records": [r["key"] for r in runs],
+           "runs_dirs": sorted({r["_dir"] for r in runs if "_dir" in r}),
+           "built": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+    if solvable:
+        d2s = evaluators.get("depth-to-solve").obj().evaluate_sweep(runs, task)["difficulties"]
+        row["depth_to_solve"] = d2s[0]["depth_to_solve"] if d2s else None
+    return row
+
+
+def _short(commit: str | None) -> str:
+    if not commit:
+        return "unknown"
+    sha, _, dirty = commit.partition("+")
+    return sha[:12] + (f"+{dirty}" if dirty else "")
+
+
+def _device(env: dict) -> str:
+    dev = env.get("device", "?")
+    return env.get("device_name", dev) if dev.startswith("cuda") else "cpu"
+
+
+def _source(spec: dict, studies: dict) -> str:
+    """The search trials whose sampled block configuration and width this sweep has."""
+    hits = []
+    for name, trials in studies.items():
+        for t in trials:
+            ev = t.user_attrs.get("eval") or {}
+            if ev.get("block") != spec["block"]:
+                continue
+            knobs = ev.get("sets", {}).get("block", {})
+            width = ev.get("sets", {}).get("model", {}).get("width")
+            if all(spec["block_cfg"].get(k) == v for k, v in knobs.items()) and \
+                    (width is None or spec["model"].get("width") == width):
+                hits.append(f"search {name} #{t.number}")
+    return ", ".join(hits[:3]) + (f" (+{len(hits) - 3})" if len(hits) > 3 else "")
+
+
+def _mean(xs):
+    xs = [x for x in xs if x is not None]
+    return sum(xs) / len(xs) if xs else None
+
+
+# ------------------------------------------------------------------------------------------------ writing
+
+def load_table(path: Path) -> dict | None:
+    """An existing table's JSON (None if there is none); refuses to touch a file that is not one."""
+    if not path.exists():
+        return None
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ArchbenchError(f"{path} exists but is not readable JSON ({type(e).__name__}); move it away or fix "
+                             f"it: nothing was written") from None
+    if not isinstance(data, dict) or data.get("table_version") != TABLE_VERSION or not isinstance(data.get("rows"), list):
+        raise ArchbenchError(f"{path} exists but is not an archbench leaderboard table (v{TABLE_VERSION}); move it "
+                             f"away: nothing was written")
+    return data
+
+
+def write_tables(tables: dict[str, dict], out: Path, command: str) -> list[Path]:
+    """Merge each table into ``out/NAME.json`` (rows kept unless rebuilt) and write .md/.csv/.json."""
+    out.mkdir(parents=True, exist_ok=True)
+    olds = {name: load_table(out / f"{name}.json") for name in tables}  # fail before writing anything
+    written = []
+    for name, table in sorted(tables.items()):
+        old = olds[name]
+        rows = {r["id"]: r for r in (old or {}).get("rows", [])}
+        rows.update(table["rows"])
+        ordered = sorted(rows.values(), key=lambda r: (r["alpha"] is None, -(r["alpha"] or 0), r["block"]))
+        doc = {"table_version": TABLE_VERSION, "table": name, "task": table["task"], "task_cfg": table["task_cfg"],
+               "preset": table["preset"], "train": table["train"], "built_by": command,
+               "built": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+               "archbench": archbench.__version__, "columns": COLUMNS, "rows": ordered}
+        solvable = any(r.get("depth_to_solve") is not None for r in ordered)
+        atomic_write_text(out / f"{name}.json", json.dumps(doc, indent=1, default=str))
+        atomic_write_text(out / f"{name}.csv", to_csv(ordered))
+        atomic_write_text(out / f"{name}.md", to_markdown(doc, solvable))
+        written += [out / f"{name}.{ext}" for ext in ("md", "csv", "json")]
+    return written
+
+
+_CSV = ["id", "block", "config", "params", "depths", "seeds", "alpha", "alpha_lo", "alpha_hi", "loss",
+        "depth_to_solve", "phi_mid", "later_effect", "depth_score", "regime", "failed_runs", "train_s", "device",
+        "version", "source", "records"]
+
+
+def to_csv(rows: list[dict]) -> str:
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=_CSV, lineterminator="\n")
+    w.writeheader()
+    for r in rows:
+        ci = r.get("alpha_ci95") or [None, None]
+        w.writerow({**{k: r.get(k) for k in _CSV if k in r}, "alpha_lo": ci[0], "alpha_hi": ci[1],
+                    "config": " ".join(f"{k}={v}" for k, v in r["config"].items()),
+                    "depths": ";".join(map(str, r["depths"])), "device": ";".join(r["device"]),
+                    "version": ";".join(r["version"]), "records": ";".join(r["records"])})
+    return buf.getvalue()
+
+
+def _f(x, digits=3) -> str:
+    if x is None or (isinstance(x, float) and not math.isfinite(x)):
+        return "–"
+    return f"{x:.{digits}g}" if isinstance(x, float) else str(x)
+
+
+def to_markdown(doc: dict, solvable: bool) -> str:
+    rows = doc["rows"]
+    train = ", ".join(f"{k}={v}" for k, v in doc["train"].items())
+    task = ", ".join(f"{k}={v}" for k, v in doc["task_cfg"].items())
+    seeds = sorted({r["seeds"] for r in rows})
+    lines = [f"# {doc['table']}", "",
+             f"Built by `{doc['built_by']}` on {doc['built'][:10]} from the run records of {len(rows)} sweeps "
+             f"({sum(len(r['records']) for r in rows)} runs); generated, do not edit by hand.", "",
+             f"- task: **{doc['task']}** ({task})",
+             f"- preset: **{doc['preset'] or 'custom'}**; training: {train}",
+             f"- seeds per depth: {', '.join(map(str, seeds))}; every row's runs, config, versions and device are in "
+             f"`{doc['table']}.json` (row id → `records`, each a run record under the runs directory)", ""]
+    cols = ["block", "config", "params", "depths", "α_ℓ [95 % CI]", "loss"] + ["depth to solve"] * solvable + \
+           ["φ_mid", "skip effect", "depth score", "regime", "train s", "device", "version", "source", "id"]
+    lines += ["| " + " | ".join(cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
+    for r in rows:
+        ci = r.get("alpha_ci95")
+        alpha = _f(r["alpha"]) + (f" [{_f(ci[0])}, {_f(ci[1])}]" if ci else "")
+        cells = [r["block"], " ".join(f"{k}={_f(v)}" for k, v in r["config"].items()) or "defaults",
+                 f"{r['params']:,}" if r["params"] else "–", ",".join(map(str, r["depths"])), alpha,
+                 _f(r["loss"], 4)]
+        if solvable:
+            cells.append(_f(r.get("depth_to_solve")) if r.get("depth_to_solve") is not None else "not solved")
+        cells += [_f(r["phi_mid"]), _f(r["later_effect"]), _f(r["depth_score"]), r["regime"] or "–",
+                  f"{r['train_s']:.0f}", ", ".join(r["device"]), ", ".join(r["version"]), r["source"] or "",
+                  r["id"]]
+        if r.get("failed_runs"):
+            cells[0] += f" ({r['failed_runs']} failed run(s))"
+        lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
+    lines += ["", "Columns:", ""]
+    for key, text in COLUMNS.items():
+        if key == "depth_to_solve" and not solvable:
+            continue
+        lines.append(f"- **{key}**: {text}")
+    return "\n".join(lines) + "\n"
+
+
+def build(runs_dirs: list[str], out: str, studies: list[str], storage: str | None, task: str | None,
+          command: str | None = None) -> tuple[list[Path], list[str], int]:
+    """Build the tables; returns (files written, files skipped with the reason, records used)."""
+    records, skipped = load_records(runs_dirs)
+    if task:
+        records = [r for r in records if r["task"] == task]
+    trials = {}
+    if studies:
+        import optuna
+
+        from archbench.search import open_storage
+
+        url = storage or f"sqlite:///{Path(runs_dirs[0]).resolve() / 'studies.db'}"
+        st = open_storage(url, heartbeat=False)
+        for name in studies:
+            try:
+                trials[name] = optuna.load_study(study_name=name, storage=st).get_trials(
+                    deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+            except KeyError:
+                from archbench.errors import unknown
+
+                raise unknown(f"study in {url}", name, optuna.get_all_study_names(st)) from None
+    tables = build_rows(records, trials)
+    files = write_tables(tables, Path(out), command or "archbench " + " ".join(sys.argv[1:]))
+    return files, skipped, len(records)
