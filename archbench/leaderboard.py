@@ -114,16 +114,16 @@ def table_identity(task_name: str, task_cfg: dict, train: dict) -> tuple[str, st
     from archbench.train import TrainConfig
 
     task = TASKS.get(task_name).obj
-    preset_name, base_task = None, resolve(task, "task", {})
-    for name, preset in task.presets.items():
-        if resolve(TrainConfig, "train", preset.get("train", {})) == train:
-            preset_name, base_task = name, resolve(task, "task", preset.get("task", {}))
-            break
-    diff = _diff(task_cfg, base_task)
+    presets = {name: (resolve(TrainConfig, "train", p.get("train", {})), resolve(task, "task", p.get("task", {})))
+               for name, p in task.presets.items()}
+    # the preset whose training budget this is; else the one whose task settings these are
+    preset_name = next((n for n, (tr, _) in presets.items() if tr == train), None)
+    near = preset_name or next((n for n, (_, tc) in presets.items() if tc == task_cfg), None)
+    diff = _diff(task_cfg, presets[near][1] if near else resolve(task, "task", {}))
     name = task_name + "".join(f"__{k}-{v}" for k, v in diff.items())
-    if preset_name:
-        name += f"__{preset_name}"
-    else:
+    if near:
+        name += f"__{near}"
+    if not preset_name:
         name += "__train-" + run_key(train)[:6]
     return name, preset_name, diff
 

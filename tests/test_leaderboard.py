@@ -1,0 +1,102 @@
+"""`archbench leaderboard`: tables from run records, validated, merged, traceable."""
+
+import csv
+import io
+import json
+import shutil
+
+import pytest
+
+SMOKE = ["--preset", "smoke", "--set", "train.steps=40"]
+
+
+@pytest.fixture(scope="module")
+def swept(tmp_path_factory):
+    """Two smoke sweeps with the regime evidence: residual-mlp and rezero."""
+    from conftest import run_cli
+
+    root = tmp_path_factory.mktemp("lb")
+    results = {}
+    for block in ("residual-mlp", "rezero"):
+        out = root / f"{block}.json"
+        r = run_cli("eval", "--block", block, *SMOKE, "--evaluators", "alpha-ell,regime", "--runs-dir", root / "runs",
+                    "--out", out)
+        assert r.returncode == 0, r.stderr
+        results[block] = json.loads(out.read_text())
+    return root, results
+
+
+def test_tables_match_the_evaluators_and_trace_to_records(cli, swept, tmp_path):
+    root, results = swept
+    out = tmp_path / "leaderboards"
+    r = cli("leaderboard", "--runs-dir", root / "runs", "--out", out)
+    assert r.returncode == 0, r.stderr
+    name = "teacher-student__smoke__train-"  # steps=40 is not the smoke preset's budget
+    (md,) = out.glob(f"{name}*.md")
+    doc = json.loads(md.with_suffix(".json").read_text())
+    assert doc["task"] == "teacher-student" and doc["train"]["steps"] == 40 and doc["built_by"].startswith("archbench leaderboard")
+    rows = {row["block"]: row for row in doc["rows"]}
+    assert set(rows) == {"residual-mlp", "rezero"}
+    for block, res in results.items():
+        row = rows[block]
+        # recomputed from the records by the same evaluators: the eval's own numbers
+        assert row["alpha"] == pytest.approx(res["alpha_ell"]["value"])
+        assert row["alpha_ci95"] == pytest.approx(res["alpha_ell"]["ci95"])
+        assert row["regime"] == res["metrics"]["regime"]["regime"]
+        assert row["phi_mid"] == pytest.approx(res["metrics"]["regime"]["evidence"]["phi_mid"])
+        deepest = max(res["runs"], key=lambda x: x["depth"])
+        assert row["loss"] == pytest.approx(deepest["final_loss"]) and row["params"] == deepest["params"]
+        assert sorted(row["records"]) == sorted(run["key"] for run in res["runs"])
+        assert row["depths"] == [3, 6, 12] and row["device"] == ["cpu"] and row["version"][0].startswith("0.")
+        assert row["train_s"] == pytest.approx(sum(run["wall_s"] for run in res["runs"]), abs=0.2)
+    # sorted by alpha; the Markdown says how it was made and what the columns mean
+    assert [r["alpha"] for r in doc["rows"]] == sorted((r["alpha"] for r in doc["rows"]), reverse=True)
+    text = md.read_text()
+    assert "Built by `archbench leaderboard" in text and "- **alpha**:" in text and "| residual-mlp |" in text
+    table = list(csv.DictReader(io.StringIO(md.with_suffix(".csv").read_text())))
+    assert {t["block"] for t in table} == set(rows)
+    for t in table:
+        assert float(t["alpha"]) == pytest.approx(rows[t["block"]]["alpha"])
+        assert t["records"].split(";") == rows[t["block"]]["records"]
+
+
+def test_bad_records_are_reported_and_nothing_published_is_lost(cli, swept, tmp_path):
+    root, _ = swept
+    runs = tmp_path / "runs"
+    shutil.copytree(root / "runs", runs)
+    records = runs / "records"
+    (records / "broken.json").write_text("{not json")
+    (records / "foreign.json").write_text(json.dumps({"name": "someone else's file"}))
+    victim = next(p for p in sorted(records.glob("*.json")) if len(p.stem) == 20)
+    data = json.loads(victim.read_text())
+    data["depth"] = "twelve"
+    victim.write_text(json.dumps(data))
+    out = tmp_path / "lb"
+    r = cli("leaderboard", "--runs-dir", runs, "--out", out)
+    assert r.returncode == 0, r.stderr
+    for name, why in (("broken.json", "unreadable"), ("foreign.json", "no 'key'"), (victim.name, "'depth'")):
+        assert any(name in line and why in line for line in r.stderr.splitlines()), r.stderr
+    assert "Traceback" not in r.stderr
+    (table,) = out.glob("*.json")
+    before = json.loads(table.read_text())["rows"]
+    assert sum(len(row["records"]) for row in before) == 5  # six runs less the damaged one
+
+    # rebuilding from a runs directory holding only rezero keeps the residual-mlp row
+    only = tmp_path / "only"
+    (only / "records").mkdir(parents=True)
+    for row in before:
+        if row["block"] == "rezero":
+            for key in row["records"]:
+                shutil.copy(records / f"{key}.json", only / "records")
+    r = cli("leaderboard", "--runs-dir", only, "--out", out)
+    assert r.returncode == 0, r.stderr
+    after = json.loads(table.read_text())["rows"]
+    assert {row["id"] for row in after} == {row["id"] for row in before}
+
+    # a table file that is not one is never overwritten
+    table.write_text("[1, 2]")
+    r = cli("leaderboard", "--runs-dir", only, "--out", out)
+    assert r.returncode == 1 and "not an archbench leaderboard table" in r.stderr
+    assert table.read_text() == "[1, 2]"
+    r = cli("leaderboard", "--runs-dir", tmp_path / "nowhere", "--out", tmp_path / "x")
+    assert r.returncode == 1 and "no run records" in r.stderr
