@@ -432,6 +432,20 @@ def requeue(study: optuna.Study, trial) -> None:
             study.enqueue_trial(trial.params, user_attrs={"retry_of": trial.number, **keep})
 
 
+def _dead_here(worker: str) -> bool:
+    """Whether ``host:pid`` names a process of this machine that no longer exists."""
+    host, _, pid = worker.rpartition(":")
+    if host != socket.gethostname() or not pid.isdigit():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
+
+
 def enqueue_baseline(study: optuna.Study, space: Space, baseline: str) -> None:
     """The baseline block at its default knobs is the study's first trial: the reference every other
     trial is compared with, measured under the same budget."""
@@ -567,6 +581,12 @@ def run_search(spec: SearchSpec, console=None, on_trial: Callable | None = None)
                 EVALUATORS.get(e).obj.check_task(TASKS.get(spec.task))
     space = build_space(spec.task, spec.preset, spec.sets, spec.space)
     study = open_study(spec, space)
+    with warnings.catch_warnings():  # trials of a killed run (no heartbeat): cut off, queued again
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        optuna.storages.fail_stale_trials(study)
+    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        if _dead_here(t.user_attrs.get("worker", "")):  # killed before its first heartbeat
+            study.tell(t.number, state=TrialState.FAIL)
     for t in study.get_trials(deepcopy=False, states=(TrialState.FAIL,)):
         requeue(study, t)
     if spec.baseline:

@@ -205,11 +205,19 @@ def test_interrupted_trial_is_queued_again_and_records_reused(tmp_path):
     cut.suggest_categorical("block", build_space("teacher-student", "smoke", {}, None).blocks)
     study.tell(cut, state=optuna.trial.TrialState.FAIL)
     cut_params = study.get_trials()[1].params
-    run_search(SearchSpec(**{**spec.__dict__, "trials": 2}))
+    # a trial left RUNNING by a process of this machine that was killed before its first heartbeat
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    study.enqueue_trial({"block": "highway"})
+    orphan = study.ask()
+    orphan.suggest_categorical("block", build_space("teacher-student", "smoke", {}, None).blocks)
+    orphan.set_user_attr("worker", f"{socket.gethostname()}:{dead.pid}")
+    run_search(SearchSpec(**{**spec.__dict__, "trials": 3}))
     trials = study.get_trials()
-    assert len(_counted(trials)) == 2
-    retry = [t for t in trials if t.user_attrs.get("retry_of") == cut.number]
-    assert len(retry) == 1 and retry[0].params["block"] == cut_params["block"]
+    assert len(_counted(trials)) == 3 and trials[orphan.number].state.name == "FAIL"
+    for lost, block in ((cut.number, cut_params["block"]), (orphan.number, "highway")):
+        retry = [t for t in trials if t.user_attrs.get("retry_of") == lost]
+        assert len(retry) == 1 and retry[0].params["block"] == block and retry[0].state.name == "COMPLETE"
     assert first.user_attrs["baseline"] and first.state.name == "COMPLETE"
 
 

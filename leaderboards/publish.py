@@ -1,0 +1,110 @@
+"""Rebuild the published leaderboards in this folder: one command, resumable.
+
+    python leaderboards/publish.py [--runs-dir runs/publish] [--device auto] [--workers K]
+                                   [--only sweeps|search|promote|tables]
+
+1. every built-in block at the ``quick`` preset on teacher-student (independent and tied teacher) and on
+   cfg-language (compositional: nested brackets), each with alpha-ell and the regime evidence
+   (cfg-language adds depth-to-solve);
+2. an architecture search of ``--trials`` (30) trials on teacher-student, objectives alpha and loss,
+   budget: the residual block's parameters; trials train ``--search-steps`` steps (a quarter of quick)
+   to make 30 trials affordable on a CPU;
+3. the search's Pareto front re-run at the full ``quick`` preset, so that it sits in the same tables;
+4. ``archbench leaderboard`` over all those records, rows labelled with their search trials.
+
+Every finished run is a cached record under ``--runs-dir``: rerunning continues where it stopped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from rich.console import Console
+
+from archbench.leaderboard import build
+from archbench.registry import BLOCKS
+from archbench.search import SearchSpec, run_search
+from archbench.sweep import EvalSpec, run_eval
+
+HERE = Path(__file__).resolve().parent
+STUDY = "publish-teacher-student"
+SWEEPS = {  # table -> (task, fixed settings, evaluators)
+    "teacher-student (independent teacher)": ("teacher-student", {"task": {"teacher": "independent"}},
+                                              ["alpha-ell", "regime"]),
+    "teacher-student (tied teacher)": ("teacher-student", {"task": {"teacher": "tied"}}, ["alpha-ell", "regime"]),
+    "cfg-language": ("cfg-language", {}, ["alpha-ell", "depth-to-solve", "regime"]),
+}
+
+
+def promoted(result: dict, study: str, storage: str, steepest: int = 3) -> list[dict]:
+    """The Pareto front, the baseline, and the ``steepest`` other trials by alpha_ell."""
+    import optuna
+
+    from archbench.search import open_storage, trial_row
+
+    rows = [r for r in result["best"]]
+    if result["baseline"] and result["baseline"] not in rows:
+        rows.append(result["baseline"])
+    done = optuna.load_study(study_name=study, storage=open_storage(storage, heartbeat=False)).get_trials(
+        deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+    by_alpha = sorted((trial_row(t, result["objectives"]) for t in done), key=lambda r: -r["values"]["alpha"])
+    for r in by_alpha:
+        if sum(x not in rows for x in by_alpha[:by_alpha.index(r) + 1]) > steepest:
+            break
+        if r not in rows and all(r["eval"] != x["eval"] for x in rows):
+            rows.append(r)
+    return rows
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--runs-dir", default="runs/publish")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--workers", type=int, default=1, help="search worker processes")
+    p.add_argument("--trials", type=int, default=30)
+    p.add_argument("--search-steps", type=int, default=1000)
+    p.add_argument("--blocks", default=None, help="comma-separated (default: every built-in block)")
+    p.add_argument("--only", choices=["sweeps", "search", "promote", "tables"], default=None,
+                   help="one step (default: all, in order)")
+    args = p.parse_args(argv)
+    err = Console(stderr=True, highlight=False)
+    blocks = args.blocks.split(",") if args.blocks else [e.name for e in BLOCKS.entries()]
+
+    if args.only in (None, "sweeps"):
+        for label, (task, sets, evaluators) in SWEEPS.items():
+            for block in blocks:
+                err.rule(f"{block} on {label}")
+                run_eval(EvalSpec(block=block, task=task, preset="quick", sets=sets, evaluators=evaluators,
+                                  device=args.device, runs_dir=args.runs_dir, plots=False), console=err)
+    spec = SearchSpec(task="teacher-student", trials=args.trials, study=STUDY, preset="quick",
+                      sets={"train": {"steps": str(args.search_steps)}}, workers=args.workers,
+                      device=args.device, runs_dir=args.runs_dir)
+    if args.only in (None, "search", "promote"):
+        result = run_search(spec, console=err, on_trial=lambda t: err.print(f"trial {t.number}: {t.state.name}"))
+        if args.only == "search":
+            return 0
+        for row in promoted(result, spec.study_name, spec.storage_url):
+            ev = row["eval"]
+            sets = {s: kv for s, kv in ev["sets"].items() if s != "train"}  # the full quick training budget
+            err.rule(f"search trial {row['number']} ({ev['block']}) at the quick preset")
+            run_eval(EvalSpec(block=ev["block"], task="teacher-student", preset="quick", sets=sets,
+                              evaluators=["alpha-ell", "regime"], device=args.device, runs_dir=args.runs_dir,
+                              plots=False), console=err)
+    command = "python leaderboards/publish.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    import optuna
+
+    from archbench.search import open_storage
+
+    searched = STUDY in optuna.get_all_study_names(open_storage(spec.storage_url, heartbeat=False))
+    files, skipped, n = build([args.runs_dir], str(HERE), [STUDY] if searched else [], None, None,
+                              command=command.strip())
+    for line in skipped:
+        err.print(f"skipped {line}")
+    err.print(f"{n} run records -> {len(files) // 3} tables in {HERE}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
