@@ -98,11 +98,12 @@ def main(argv=None) -> int:
     from archbench.search import open_storage
 
     searched = STUDY in optuna.get_all_study_names(open_storage(spec.storage_url, heartbeat=False))
-    files, skipped, n = build([args.runs_dir], str(HERE), [STUDY] if searched else [], None, None,
-                              command=command.strip())
-    for line in skipped:
-        err.print(f"skipped {line}")
-    err.print(f"{n} run records -> {len(files) // 3} tables in {HERE}")
+    for task in sorted({task for task, _, _ in SWEEPS.values()}):
+        files, skipped, n = build([args.runs_dir], str(HERE), [STUDY] if searched else [], None, task,
+                                  command=command.strip())
+        for line in skipped:
+            err.print(f"skipped {line}")
+        err.print(f"{task}: {n} run records -> {len(files) // 3} tables in {HERE}")
     return 0
 
 
