@@ -130,8 +130,8 @@ def table_identity(task_name: str, task_cfg: dict, train: dict) -> tuple[str, st
 
 def build_rows(records: list[dict], studies: dict[str, list] | None = None) -> dict[str, dict]:
     """Tables (name -> {meta, rows}) from records; ``studies`` maps a study name to its trials."""
-    from archbench.registry import BLOCKS, EVALUATORS, TASKS
-    from archbench.sweep import ModelConfig, make_task
+    from archbench.registry import BLOCKS, TASKS
+    from archbench.sweep import make_task
 
     by_sweep: dict[str, list[dict]] = {}
     for r in records:
@@ -152,7 +152,7 @@ def build_rows(records: list[dict], studies: dict[str, list] | None = None) -> d
 
             task_objects[tkey] = make_task(TASKS.get(spec["task"]), spec["task_cfg"], torch.device("cpu"))
         task = task_objects[tkey]
-        row = sweep_row(sid, runs, task, BLOCKS.get(spec["block"]), ModelConfig, EVALUATORS,
+        row = sweep_row(sid, runs, task, BLOCKS.get(spec["block"]),
                         TASKS.get(spec["task"]).obj.solve_metric is not None, studies or {})
         table = tables.setdefault(name, {"task": spec["task"], "task_cfg": spec["task_cfg"], "task_diff": task_diff,
                                          "preset": preset, "train": spec["train"], "rows": {}})
@@ -160,19 +160,23 @@ def build_rows(records: list[dict], studies: dict[str, list] | None = None) -> d
     return tables
 
 
-def sweep_row(sid, runs, task, block, model_config, evaluators, solvable: bool, studies: dict) -> dict:
+def sweep_row(sid, runs, task, block, solvable: bool, studies: dict) -> dict:
+    """One table row: a sweep's records, re-evaluated by the sweep evaluators ``eval`` uses."""
     import dataclasses
+
+    from archbench.registry import EVALUATORS
+    from archbench.sweep import ModelConfig
 
     spec = runs[0]["spec"]
     runs = [{**r, "vary": {}} for r in sorted(runs, key=lambda r: (r["effective_depth"], r["seed"]))]
     ok = [r for r in runs if r["status"] == "ok"]
     deepest = [r for r in ok if r["effective_depth"] == max(x["effective_depth"] for x in ok)] if ok else []
-    alpha = evaluators.get("alpha-ell").obj().evaluate_sweep(runs, task)
-    regime = evaluators.get("regime").obj().evaluate_sweep(runs, task)
+    alpha = EVALUATORS.get("alpha-ell").obj().evaluate_sweep(runs, task)
+    regime = EVALUATORS.get("regime").obj().evaluate_sweep(runs, task)
     ev = regime["evidence"]
     has_evidence = ev.get("phi_mid") is not None and ev.get("later_effect") is not None
     defaults = {k: kn.default for k, kn in knobs_of(block.obj).items()}
-    model_defaults = {f.name: f.default for f in dataclasses.fields(model_config)}
+    model_defaults = {f.name: f.default for f in dataclasses.fields(ModelConfig)}
     config = {**_diff(spec["block_cfg"], defaults), **_diff(spec["model"], model_defaults)}
     if "width" in config:
         config["width"] = config.pop("width")
@@ -192,7 +196,7 @@ def sweep_row(sid, runs, task, block, model_config, evaluators, solvable: bool, 
            "runs_dirs": sorted({r["_dir"] for r in runs if "_dir" in r}),
            "built": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
     if solvable:
-        d2s = evaluators.get("depth-to-solve").obj().evaluate_sweep(runs, task)["difficulties"]
+        d2s = EVALUATORS.get("depth-to-solve").obj().evaluate_sweep(runs, task)["difficulties"]
         row["depth_to_solve"] = d2s[0]["depth_to_solve"] if d2s else None
     return row
 

@@ -476,11 +476,12 @@ class TrialRunner:
         self._eval_spec = lambda block, sets: EvalSpec(
             block=block, task=spec.task, preset=spec.preset, depths=spec.depths, seeds=spec.seeds,
             sets=sets, evaluators=evaluators, device=spec.device, runs_dir=spec.runs_dir, plots=False)
+        # the baseline's resolved config checks task, preset, --set and the objectives' evaluators up front
+        ref = resolve_config(self._eval_spec(spec.baseline or "residual", spec.sets))
         self.limit = None
         if spec.budget != "none":
             import torch
 
-            ref = resolve_config(self._eval_spec(spec.baseline or "residual", spec.sets))
             self.ref_width, self.max_depth = ref["model"]["width"], max(ref["depths"])
             self.task = make_task(TASKS.get(spec.task), ref["task"], torch.device("cpu"))
             self.limit = measure(spec.baseline or "residual", ref, self.max_depth, self.task, self.ref_width,
@@ -494,7 +495,9 @@ class TrialRunner:
         trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
         try:
             block, sampled = sample(trial, self.space)
-            sets = {s: {**spec.sets.get(s, {}), **v} for s, v in {**spec.sets, **sampled}.items()}
+            sets = {section: dict(values) for section, values in spec.sets.items()}
+            for section, values in sampled.items():  # sampled knobs over --set ones
+                sets.setdefault(section, {}).update(values)
             config = resolve_config(self._eval_spec(block, sets))
             if config["grid"]:
                 raise UsageError("a search trial is one depth sweep: --set values with commas (grids) are not "
@@ -573,13 +576,10 @@ def run_search(spec: SearchSpec, console=None, on_trial: Callable | None = None)
         raise UsageError(f"--trials {spec.trials}: need at least one trial")
     if spec.workers < 1:
         raise UsageError(f"--workers {spec.workers}: need at least one worker")
-    for o in spec.objectives:
-        for e in OBJECTIVES[o].evaluators:
-            if e == "depth-to-solve":
-                from archbench.registry import EVALUATORS
-
-                EVALUATORS.get(e).obj.check_task(TASKS.get(spec.task))
+    if spec.baseline:
+        BLOCKS.get(spec.baseline)
     space = build_space(spec.task, spec.preset, spec.sets, spec.space)
+    runner = TrialRunner(spec, space, console)  # a bad task, preset, objective or budget fails here, before any write
     study = open_study(spec, space)
     with warnings.catch_warnings():  # trials of a killed run (no heartbeat): cut off, queued again
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
@@ -590,21 +590,18 @@ def run_search(spec: SearchSpec, console=None, on_trial: Callable | None = None)
     for t in study.get_trials(deepcopy=False, states=(TrialState.FAIL,)):
         requeue(study, t)
     if spec.baseline:
-        BLOCKS.get(spec.baseline)
         enqueue_baseline(study, space, spec.baseline)
     remaining = spec.trials - counted(study)
     if remaining > 0:
-        TrialRunner(spec, space)  # a bad budget or config fails here, once, not in every worker
         if spec.workers == 1:
-            _work(spec, space, remaining, console, on_trial)
+            _work(spec, space, remaining, runner, on_trial)
         else:
             _spawn(spec, remaining, on_trial)
     return summary(open_study(spec, space), spec)
 
 
-def _work(spec: SearchSpec, space: Space, share: int, console=None, on_trial=None) -> None:
+def _work(spec: SearchSpec, space: Space, share: int, runner: "TrialRunner", on_trial=None) -> None:
     study = open_study(spec, space)
-    runner = TrialRunner(spec, space, console)
     callbacks = [lambda s, t: on_trial(t)] if on_trial else []
     for _ in range(share):
         if counted(study) >= spec.trials:  # other machines on a shared database may have filled it
@@ -627,8 +624,8 @@ def _worker_main(spec: SearchSpec, share: int, index: int) -> None:
     with open(spec.study_dir / f"worker-{index}.log", "a", buffering=1) as log:
         sys.stdout = sys.stderr = log  # warnings and tracebacks go to the worker's log, not the terminal
         try:
-            _work(spec, build_space(spec.task, spec.preset, spec.sets, spec.space), share,
-                  Console(file=log, force_terminal=False, width=120))
+            space = build_space(spec.task, spec.preset, spec.sets, spec.space)
+            _work(spec, space, share, TrialRunner(spec, space, Console(file=log, force_terminal=False, width=120)))
         except KeyboardInterrupt:  # the trial in hand is marked cut off; a rerun queues it again
             pass
 

@@ -116,6 +116,11 @@ def run(args) -> int:
     return 0
 
 
+def _halves(pair: dict, fmt: str, short: bool = False) -> str:
+    first, second = format(pair["first_half"], fmt), format(pair["second_half"], fmt)
+    return f"{first} / {second}" if short else f"first half {first}, second half {second}"
+
+
 def summary_lines(result: dict) -> list[str]:
     """Paper 2's question: do first-half layers contribute more and matter more than second-half ones?"""
     m, d = result["metrics"], result["model"]
@@ -124,9 +129,8 @@ def summary_lines(result: dict) -> list[str]:
     sim = m.get("layer-similarity")
     if sim:
         h = sim["halves"]
-        lines.append(f"relative contribution ‖c‖/‖h‖: first half {h['rel_contribution']['first_half']:.3f}, "
-                     f"second half {h['rel_contribution']['second_half']:.3f}; cosine with the residual: "
-                     f"{h['cos_contribution']['first_half']:+.3f} / {h['cos_contribution']['second_half']:+.3f}")
+        lines.append(f"relative contribution ‖c‖/‖h‖: {_halves(h['rel_contribution'], '.3f')}; cosine with the "
+                     f"residual: {_halves(h['cos_contribution'], '+.3f', short=True)}")
         if sim.get("middle_theta") is not None:
             lines.append(f"mean middle-layer θ {sim['middle_theta']:.3f} rad")
         if sim.get("token_classes"):
@@ -136,9 +140,8 @@ def summary_lines(result: dict) -> list[str]:
     skip = m.get("skip-sensitivity")
     if skip:
         h = skip["halves"]
-        lines.append(f"skipping one layer, ‖Δp‖₂: first half {h['output_l2']['first_half']:.4f}, second half "
-                     f"{h['output_l2']['second_half']:.4f}; effect on later layers "
-                     f"{h['effect_on_later']['first_half']:.3f} / {h['effect_on_later']['second_half']:.3f}")
+        lines.append(f"skipping one layer, ‖Δp‖₂: {_halves(h['output_l2'], '.4f')}; effect on later layers "
+                     f"{_halves(h['effect_on_later'], '.3f', short=True)}")
         if skip.get("depth_score") is not None:
             lines.append(f"depth score {skip['depth_score']:.2f} of {skip['depth'] - 1} "
                          f"(relative {skip['depth_score_relative']:.2f})")
