@@ -128,8 +128,14 @@ def table_identity(task_name: str, task_cfg: dict, train: dict) -> tuple[str, st
     return name, preset_name, diff
 
 
-def build_rows(records: list[dict], studies: dict[str, list] | None = None) -> dict[str, dict]:
-    """Tables (name -> {meta, rows}) from records; ``studies`` maps a study name to its trials."""
+def build_rows(records: list[dict], studies: dict[str, list] | None = None, all_versions: bool = False,
+               skipped: list[str] | None = None) -> dict[str, dict]:
+    """Tables (name -> {meta, rows}) from records; ``studies`` maps a study name to its trials.
+
+    A sweep trained by another version of its block's or task's code (their source hashes are in the
+    spec) is left out, with a line in ``skipped``, unless ``all_versions``: a table compares the code
+    as it is.
+    """
     from archbench.registry import BLOCKS, TASKS
     from archbench.sweep import make_task
 
@@ -144,6 +150,14 @@ def build_rows(records: list[dict], studies: dict[str, list] | None = None) -> d
             kind = "task" if spec["task"] not in TASKS else "block"
             warnings.warn(f"skipping sweep {sid} ({len(runs)} records): {kind} {spec[kind]!r} is not registered "
                           f"here (pass its file with --plugins)")
+            continue
+        stale = [f"{kind} {spec[kind]!r} (source {spec[f'{kind}_source']}, now {now})"
+                 for kind, registry in (("block", BLOCKS), ("task", TASKS))
+                 if (now := registry.get(spec[kind]).source_hash) != spec[f"{kind}_source"]]
+        if stale and not all_versions:
+            if skipped is not None:
+                skipped.append(f"sweep {sid} ({len(runs)} records): trained by other code of {' and '.join(stale)}; "
+                               f"--all-versions keeps it")
             continue
         name, preset, task_diff = table_identity(spec["task"], spec["task_cfg"], spec["train"])
         tkey = run_key(spec["task_cfg"])
@@ -335,7 +349,7 @@ def to_markdown(doc: dict, solvable: bool) -> str:
 
 
 def build(runs_dirs: list[str], out: str, studies: list[str], storage: str | None, task: str | None,
-          command: str | None = None) -> tuple[list[Path], list[str], int]:
+          command: str | None = None, all_versions: bool = False) -> tuple[list[Path], list[str], int]:
     """Build the tables; returns (files written, files skipped with the reason, records used)."""
     records, skipped = load_records(runs_dirs)
     if task:
@@ -356,6 +370,6 @@ def build(runs_dirs: list[str], out: str, studies: list[str], storage: str | Non
                 from archbench.errors import unknown
 
                 raise unknown(f"study in {url}", name, optuna.get_all_study_names(st)) from None
-    tables = build_rows(records, trials)
+    tables = build_rows(records, trials, all_versions, skipped)
     files = write_tables(tables, Path(out), command or "archbench " + " ".join(sys.argv[1:]))
     return files, skipped, len(records)

@@ -100,3 +100,23 @@ def test_bad_records_are_reported_and_nothing_published_is_lost(cli, swept, tmp_
     assert table.read_text() == "[1, 2]"
     r = cli("leaderboard", "--runs-dir", tmp_path / "nowhere", "--out", tmp_path / "x")
     assert r.returncode == 1 and "no run records" in r.stderr
+
+
+def test_sweeps_of_older_block_code_are_left_out_unless_asked(cli, swept, tmp_path):
+    root, _ = swept
+    runs = tmp_path / "runs"
+    shutil.copytree(root / "runs", runs)
+    for path in (runs / "records").glob("*.json"):
+        data = json.loads(path.read_text())
+        if data["block"] == "rezero":  # as if trained before an edit of blocks/residual.py
+            data["spec"]["block_source"] = "0123456789abcdef"
+            path.write_text(json.dumps(data))
+    r = cli("leaderboard", "--runs-dir", runs, "--out", tmp_path / "now")
+    assert r.returncode == 0, r.stderr
+    assert "trained by other code of block 'rezero' (source 0123456789abcdef" in r.stderr
+    (table,) = (tmp_path / "now").glob("*.json")
+    assert {row["block"] for row in json.loads(table.read_text())["rows"]} == {"residual-mlp"}
+    r = cli("leaderboard", "--runs-dir", runs, "--out", tmp_path / "all", "--all-versions")
+    assert r.returncode == 0 and "other code" not in r.stderr
+    (table,) = (tmp_path / "all").glob("*.json")
+    assert {row["block"] for row in json.loads(table.read_text())["rows"]} == {"residual-mlp", "rezero"}

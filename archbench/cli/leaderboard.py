@@ -14,6 +14,8 @@ def add_arguments(p):
                    help="a search study whose trials label the rows they produced (repeatable)")
     p.add_argument("--storage", default=None, help="the studies' storage (default: sqlite:///RUNS_DIR/studies.db)")
     p.add_argument("--task", default=None, help="only this task's tables")
+    p.add_argument("--all-versions", action="store_true",
+                   help="keep sweeps trained by other versions of their block's or task's code (default: left out)")
 
 
 def run(args) -> int:
@@ -23,7 +25,8 @@ def run(args) -> int:
 
     err = Console(stderr=True, highlight=False)
     runs_dirs = args.runs_dirs or ["runs"]
-    files, skipped, n = build(runs_dirs, args.out, args.studies, args.storage, args.task)
+    files, skipped, n = build(runs_dirs, args.out, args.studies, args.storage, args.task,
+                               all_versions=args.all_versions)
     for line in skipped:
         err.print(f"skipped {line}", markup=False, soft_wrap=True)
     out = Console(highlight=False)
