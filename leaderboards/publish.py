@@ -10,7 +10,8 @@
 2. an architecture search of ``--trials`` (30) trials on teacher-student, objectives alpha and loss,
    budget: the residual block's parameters; trials train ``--search-steps`` steps (a quarter of quick)
    to make 30 trials affordable on a CPU;
-3. the search's Pareto front re-run at the full ``quick`` preset, so that it sits in the same tables;
+3. the search's Pareto front, its baseline and its 5 steepest other trials (by α_ℓ) re-run at the full
+   ``quick`` preset, so that they sit in the same tables;
 4. ``archbench leaderboard`` over all those records, rows labelled with their search trials.
 
 Every finished run is a cached record under ``--runs-dir``: rerunning continues where it stopped.
@@ -61,8 +62,9 @@ def buildable(spec: EvalSpec) -> EvalSpec:
     raise first
 
 
-def promoted(result: dict, study: str, storage: str, steepest: int = 3) -> list[dict]:
-    """The Pareto front, the baseline, and the ``steepest`` other trials by alpha_ell."""
+def promoted(result: dict, study: str, storage: str, steepest: int = 5) -> list[dict]:
+    """The Pareto front, the baseline, and the ``steepest`` other configurations by α_ℓ (a repeated
+    configuration counts once)."""
     import optuna
 
     from archbench.search import open_storage, trial_row
@@ -72,12 +74,13 @@ def promoted(result: dict, study: str, storage: str, steepest: int = 3) -> list[
         rows.append(result["baseline"])
     done = optuna.load_study(study_name=study, storage=open_storage(storage, heartbeat=False)).get_trials(
         deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
-    by_alpha = sorted((trial_row(t, result["objectives"]) for t in done), key=lambda r: -r["values"]["alpha"])
-    for r in by_alpha:
-        if sum(x not in rows for x in by_alpha[:by_alpha.index(r) + 1]) > steepest:
+    added = 0
+    for r in sorted((trial_row(t, result["objectives"]) for t in done), key=lambda r: -r["values"]["alpha"]):
+        if added == steepest:
             break
-        if r not in rows and all(r["eval"] != x["eval"] for x in rows):
+        if all(r["eval"] != x["eval"] for x in rows):
             rows.append(r)
+            added += 1
     return rows
 
 

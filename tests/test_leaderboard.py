@@ -122,17 +122,22 @@ def test_sweeps_of_older_block_code_are_left_out_unless_asked(cli, swept, tmp_pa
     assert {row["block"] for row in json.loads(table.read_text())["rows"]} == {"residual-mlp", "rezero"}
 
 
-def test_publish_scales_depths_a_block_cannot_have():
-    """publish.py keeps the preset's depth ratios for blocks that have no depth 1 (and leaves others be)."""
+def _publish_module():
     import importlib.util
     from pathlib import Path
-
-    from archbench.sweep import EvalSpec
 
     path = Path(__file__).resolve().parents[1] / "leaderboards" / "publish.py"
     spec = importlib.util.spec_from_file_location("publish", path)
     publish = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(publish)
+    return publish
+
+
+def test_publish_scales_depths_a_block_cannot_have():
+    """publish.py keeps the preset's depth ratios for blocks that have no depth 1 (and leaves others be)."""
+    from archbench.sweep import EvalSpec
+
+    publish = _publish_module()
     cfg = dict(task="cfg-language", preset="quick", evaluators=["alpha-ell"])
     assert publish.buildable(EvalSpec(block="residual", **cfg)).depths is None  # the preset's 1, 2, 4
     assert publish.buildable(EvalSpec(block="hourglass", **cfg)).depths == [3, 6, 12]
@@ -140,3 +145,24 @@ def test_publish_scales_depths_a_block_cannot_have():
     # recurrent-depth with 2 layers per iteration: 2 + 2r, so 1, 2, 4 become 4, 8, 16
     two = publish.buildable(EvalSpec(block="recurrent-depth", sets={"block": {"core": "2"}}, **cfg))
     assert two.depths == [4, 8, 16]
+
+
+def test_publish_promotes_the_front_the_baseline_and_the_steepest_distinct_configs(tmp_path):
+    import optuna
+    from optuna.distributions import CategoricalDistribution
+
+    from archbench.search import trial_row
+
+    url = f"sqlite:///{tmp_path / 's.db'}"
+    study = optuna.create_study(study_name="s", storage=url, directions=["maximize", "minimize"])
+    block = {"block": CategoricalDistribution(["residual", "rezero"])}
+    # (alpha, loss, block, width): trial 0 is the baseline; 3 repeats 2's configuration
+    for alpha, loss, name, width in [(0.6, 1.0, "residual", 32), (0.5, 2.0, "rezero", 32), (0.4, 2.0, "rezero", 36),
+                                     (0.4, 2.0, "rezero", 36), (0.3, 2.0, "residual", 40), (0.2, 2.0, "residual", 44)]:
+        study.add_trial(optuna.trial.create_trial(
+            params={"block": name}, distributions=block, values=[alpha, loss],
+            user_attrs={"eval": {"block": name, "sets": {"model": {"width": width}}}}))
+    rows = {n: trial_row(study.trials[n], ["alpha", "loss"]) for n in range(6)}
+    result = {"best": [rows[0]], "baseline": rows[0], "objectives": ["alpha", "loss"]}
+    promoted = _publish_module().promoted(result, "s", url, steepest=3)
+    assert [r["number"] for r in promoted] == [0, 1, 2, 4]
