@@ -275,9 +275,9 @@ def _suggest(trial, name: str, dist: BaseDistribution):
 def measure(block: str, config: dict, depth: int, task, width: int, budget: str) -> int:
     """Parameters, or forward FLOPs for one example, of ``block`` at ``depth`` and ``width``."""
     import torch
-    from torch.utils.flop_counter import FlopCounterMode
 
     from archbench.model import build_model
+    from archbench.nn import flop_counter
 
     entry = BLOCKS.get(block)
     with torch.device("cpu"):
@@ -286,7 +286,7 @@ def measure(block: str, config: dict, depth: int, task, width: int, budget: str)
     if budget == "params":
         return sum(p.numel() for p in model.parameters())
     x = task.batch(1, torch.Generator(device=task.device).manual_seed(0))[0].cpu()
-    counter = FlopCounterMode(display=False)
+    counter = flop_counter()
     with counter, torch.no_grad():
         model(x)
     return int(counter.get_total_flops())
