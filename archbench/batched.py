@@ -116,12 +116,17 @@ class _Group:
         def one(p, b, x):
             return functional_call(template, (p, b), (x,), tie_weights=False)
 
-        self.forward = vmap(one, in_dims=(0, 0, 0), randomness="error")
         task = jobs[0].task
+        self.vmapped = vmap(one, in_dims=(0, 0, 0), randomness="error")
         self.loss = vmap(task.loss) if all(_loss_key(j.task) == _loss_key(task) for j in jobs) and \
             getattr(type(task).loss, "pure", False) else None
         if probe:
             self._probe()
+        self.forward = self.vmapped
+        if len(jobs) == 1:  # nothing to batch: the run's own forward, on views of the stacked tensors
+            self.forward = lambda p, b, x: one({n: v[0] for n, v in p.items()}, {n: v[0] for n, v in b.items()},
+                                               x[0]).unsqueeze(0)
+            self.loss = lambda logits, targets: task.loss(logits[0], targets[0]).unsqueeze(0)
 
     def state(self):
         return {**self.params, **self.frozen}, self.buffers
@@ -133,7 +138,7 @@ class _Group:
         x, _ = j0.task.batch(2, g)
         try:
             with torch.no_grad():
-                out = self.forward(*self.state(), x.expand(len(self.jobs), *x.shape))
+                out = self.vmapped(*self.state(), x.expand(len(self.jobs), *x.shape))
                 ref = [j.model.train()(x) for j in self.jobs[:2]]
         except Exception as e:
             raise NotBatchable(f"the model cannot be vmapped ({_first_line(e)})") from None

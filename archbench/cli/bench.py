@@ -16,7 +16,7 @@ PARTS = ("sweep", "sequence")
 def add_arguments(p):
     p.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda, cuda:N")
     p.add_argument("--steps", type=int, default=None,
-                   help="timed training steps per measurement (default: 40 on a CPU, 100 on a GPU)")
+                   help="timed training steps per measurement (default: 100)")
     p.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated, from {', '.join(PARTS)} (default: both)")
     p.add_argument("--sweep", choices=["quick", "paper"], default=None,
                    help="quick: 3 depths x 4 temperatures at the quick preset; paper: the paper's toy sweep, "
