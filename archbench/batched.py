@@ -60,8 +60,8 @@ class NotBatchable(Exception):
     """Why these runs cannot be trained by this engine (the sweep falls back to the plain loop)."""
 
 
-def check(jobs: list[Job]) -> None:
-    """Raise ``NotBatchable`` if ``jobs`` cannot be trained together exactly."""
+def check(jobs: list["Job"]) -> list["_Group"]:
+    """The groups ``jobs`` train in, each probed; ``NotBatchable`` if they cannot be trained together exactly."""
     if len(jobs) < 2:
         raise NotBatchable("a single run")
     budgets = {(j.cfg.steps, j.cfg.batch_size, j.cfg.log_every, j.cfg.checkpoint_every) for j in jobs}
@@ -69,8 +69,7 @@ def check(jobs: list[Job]) -> None:
         raise NotBatchable("the runs have different step counts or batch sizes")
     if jobs[0].cfg.optimizer.lower() not in ELEMENTWISE:
         raise NotBatchable(f"optimizer {jobs[0].cfg.optimizer!r} is not elementwise (batchable: {', '.join(ELEMENTWISE)})")
-    for group in _group(jobs):
-        _Group(group, probe=True)
+    return [_Group(group) for group in _group(jobs)]
 
 
 def _group(jobs: list[Job]) -> list[list[Job]]:
@@ -101,7 +100,7 @@ class _Stream:
 class _Group:
     """Runs of one shape with stacked parameters, one optimizer and one schedule."""
 
-    def __init__(self, jobs: list[Job], probe: bool = False):
+    def __init__(self, jobs: list[Job]):
         self.jobs = jobs
         models = [j.model for j in jobs]
         self.names = [n for n, p in models[0].named_parameters() if p.requires_grad]
@@ -120,8 +119,7 @@ class _Group:
         self.vmapped = vmap(one, in_dims=(0, 0, 0), randomness="error")
         self.loss = vmap(task.loss) if all(_loss_key(j.task) == _loss_key(task) for j in jobs) and \
             getattr(type(task).loss, "pure", False) else None
-        if probe:
-            self._probe()
+        self._probe()
         self.forward = self.vmapped
         if len(jobs) == 1:  # nothing to batch: the run's own forward, on views of the stacked tensors
             self.forward = lambda p, b, x: one({n: v[0] for n, v in p.items()}, {n: v[0] for n, v in b.items()},
@@ -191,12 +189,11 @@ def train_batched(jobs: list[Job], checkpoint: Path | None = None,
 
 
 def _train(jobs, checkpoint, on_log):
-    check(jobs)
     cfg = jobs[0].cfg
     device = jobs[0].task.device
     for j in jobs:
         j.model.to(device).train()
-    groups = [_Group(g) for g in _group(jobs)]
+    groups = check(jobs)
     for g in groups:
         g.build_optimizer(g.jobs[0].cfg)
     streams: dict[tuple, _Stream] = {}
@@ -205,9 +202,11 @@ def _train(jobs, checkpoint, on_log):
         key = (j.task.stream_key(), j.seed)
         streams.setdefault(key, _Stream(j.task, j.seed, device))
         stream_of[id(j)] = key
+    # per group, each run's (stream, key of its targets, task): looked up once, not every step
+    feeds = [[(streams[stream_of[id(j)]], (stream_of[id(j)], id(j.task)), j.task) for j in g.jobs] for g in groups]
     tasks = {id(j.task): j.task for j in jobs}.values()
     histories = {id(j): [] for j in jobs}
-    failures: dict[int, tuple[float, str]] = {}
+    failures: dict[int, tuple[float, str, int]] = {}  # id(job) -> (loss, why, step)
     start, elapsed = 0, 0.0
     if checkpoint is not None and checkpoint.exists():
         start, elapsed = _load(checkpoint, groups, streams, histories, failures, jobs)
@@ -221,15 +220,12 @@ def _train(jobs, checkpoint, on_log):
         targets: dict[tuple, torch.Tensor] = {}  # (stream, task) -> targets, shared across groups
         done = step + 1
         logged = []
-        for g in groups:
-            xs, ys = [], []
-            for j in g.jobs:
-                s = streams[stream_of[id(j)]]
-                key = (stream_of[id(j)], id(j.task))
+        for g, feed in zip(groups, feeds):
+            for s, key, task in feed:
                 if key not in targets:
-                    targets[key] = j.task.targets(s.x, s.shared)
-                xs.append(s.x)
-                ys.append(targets[key])
+                    targets[key] = task.targets(s.x, s.shared)
+            xs = [s.x for s, _, _ in feed]
+            ys = [targets[key] for _, key, _ in feed]
             with autocast_for(device, cfg.precision):
                 logits = g.forward(*g.state(), torch.stack(xs))
             losses = g.losses(logits, torch.stack(ys))

@@ -12,6 +12,7 @@ import dataclasses
 import datetime
 import itertools
 import json
+import math
 import sys
 import warnings
 from pathlib import Path
@@ -330,13 +331,12 @@ def _train_together(jobs, block, task_entry, task_for, store, env, progress, con
             task = task_for(c)
             batch.append(Job(_new_model(block, c, det["depth"], det["seed"], task), task, TrainConfig(**c["train"]),
                              det["seed"], det["depth"], shape=run_key([c["block"], c["model"], det["depth"]])))
-        keys = [key for _, _, key in todo]
-        ckpt = store.checkpoint_path("batch-" + run_key(sorted(keys)))
+        ckpt = store.checkpoint_path("batch-" + run_key(sorted(key for _, _, key in todo)))
         steps = batch[0].cfg.steps
         bar = progress.add_task(f"{len(batch)} runs together", total=steps, info="")
 
         def on_log(step, losses, bar=bar):
-            finite = [v for v in losses if v == v and abs(v) != float("inf")]
+            finite = [v for v in losses if math.isfinite(v)]
             info = f"loss {min(finite):.3g}-{max(finite):.3g}" if finite else "no finite loss"
             progress.update(bar, completed=step, info=info)
 
