@@ -5,7 +5,8 @@
 
 1. every built-in block at the ``quick`` preset on teacher-student (independent and tied teacher) and on
    cfg-language (compositional: nested brackets), each with alpha-ell and the regime evidence
-   (cfg-language adds depth-to-solve);
+   (cfg-language adds depth-to-solve). A block that cannot be built at the preset's depths gets them
+   times the smallest whole factor it can (recurrent-depth and hourglass on cfg-language: 3, 6, 12);
 2. an architecture search of ``--trials`` (30) trials on teacher-student, objectives alpha and loss,
    budget: the residual block's parameters; trials train ``--search-steps`` steps (a quarter of quick)
    to make 30 trials affordable on a CPU;
@@ -18,6 +19,7 @@ Every finished run is a cached record under ``--runs-dir``: rerunning continues 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from pathlib import Path
 
@@ -26,7 +28,8 @@ from rich.console import Console
 from archbench.leaderboard import build
 from archbench.registry import BLOCKS
 from archbench.search import SearchSpec, run_search
-from archbench.sweep import EvalSpec, run_eval
+from archbench.errors import UsageError
+from archbench.sweep import EvalSpec, resolve_config, run_eval
 
 HERE = Path(__file__).resolve().parent
 STUDY = "publish-teacher-student"
@@ -36,6 +39,26 @@ SWEEPS = {  # table -> (task, fixed settings, evaluators)
     "teacher-student (tied teacher)": ("teacher-student", {"task": {"teacher": "tied"}}, ["alpha-ell", "regime"]),
     "cfg-language": ("cfg-language", {}, ["alpha-ell", "depth-to-solve", "regime"]),
 }
+
+
+def buildable(spec: EvalSpec) -> EvalSpec:
+    """``spec``, or, where its block cannot be built at some of the preset's depths (recurrent-depth and
+    hourglass have no depth 1), the preset's depths times the smallest whole factor that it can be built
+    at: the depth ratios α_ℓ is fitted over stay the preset's, and the table shows the depths."""
+    try:
+        resolve_config(spec)
+        return spec
+    except UsageError as e:
+        first = e
+    depths = resolve_config(dataclasses.replace(spec, block="residual", sets={}))["depths"]  # the preset's
+    for factor in range(2, 9):
+        scaled = dataclasses.replace(spec, depths=[d * factor for d in depths])
+        try:
+            resolve_config(scaled)
+            return scaled
+        except UsageError:
+            continue
+    raise first
 
 
 def promoted(result: dict, study: str, storage: str, steepest: int = 3) -> list[dict]:
@@ -76,8 +99,9 @@ def main(argv=None) -> int:
         for label, (task, sets, evaluators) in SWEEPS.items():
             for block in blocks:
                 err.rule(f"{block} on {label}")
-                run_eval(EvalSpec(block=block, task=task, preset="quick", sets=sets, evaluators=evaluators,
-                                  device=args.device, runs_dir=args.runs_dir, plots=False), console=err)
+                spec = buildable(EvalSpec(block=block, task=task, preset="quick", sets=sets, evaluators=evaluators,
+                                          device=args.device, runs_dir=args.runs_dir, plots=False))
+                run_eval(spec, console=err)
     spec = SearchSpec(task="teacher-student", trials=args.trials, study=STUDY, preset="quick",
                       sets={"train": {"steps": str(args.search_steps)}}, workers=args.workers,
                       device=args.device, runs_dir=args.runs_dir)

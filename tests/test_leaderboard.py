@@ -120,3 +120,23 @@ def test_sweeps_of_older_block_code_are_left_out_unless_asked(cli, swept, tmp_pa
     assert r.returncode == 0 and "other code" not in r.stderr
     (table,) = (tmp_path / "all").glob("*.json")
     assert {row["block"] for row in json.loads(table.read_text())["rows"]} == {"residual-mlp", "rezero"}
+
+
+def test_publish_scales_depths_a_block_cannot_have():
+    """publish.py keeps the preset's depth ratios for blocks that have no depth 1 (and leaves others be)."""
+    import importlib.util
+    from pathlib import Path
+
+    from archbench.sweep import EvalSpec
+
+    path = Path(__file__).resolve().parents[1] / "leaderboards" / "publish.py"
+    spec = importlib.util.spec_from_file_location("publish", path)
+    publish = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(publish)
+    cfg = dict(task="cfg-language", preset="quick", evaluators=["alpha-ell"])
+    assert publish.buildable(EvalSpec(block="residual", **cfg)).depths is None  # the preset's 1, 2, 4
+    assert publish.buildable(EvalSpec(block="hourglass", **cfg)).depths == [3, 6, 12]
+    assert publish.buildable(EvalSpec(block="recurrent-depth", **cfg)).depths == [3, 6, 12]
+    # recurrent-depth with 2 layers per iteration: 2 + 2r, so 1, 2, 4 become 4, 8, 16
+    two = publish.buildable(EvalSpec(block="recurrent-depth", sets={"block": {"core": "2"}}, **cfg))
+    assert two.depths == [4, 8, 16]
