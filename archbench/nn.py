@@ -149,3 +149,20 @@ class PreNormBlock(nn.Module):
 
     def forward(self, x):
         return x + self.branch(x)
+
+
+def flop_counter():
+    """``torch.utils.flop_counter.FlopCounterMode`` that also counts the CPU attention kernel (torch has
+    formulas only for the CUDA ones); attention is counted over the full T×T scores, as torch counts it."""
+    from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
+
+    def fwd(query, key, value, *args, out_shape=None, **kwargs):
+        return sdpa_flop_count(query, key, value)
+
+    def bwd(grad_out, query, key, value, *args, out_shape=None, **kwargs):
+        return sdpa_backward_flop_count(grad_out, query, key, value)
+
+    aten = torch.ops.aten
+    return FlopCounterMode(display=False, custom_mapping={
+        aten._scaled_dot_product_flash_attention_for_cpu: fwd,
+        aten._scaled_dot_product_flash_attention_for_cpu_backward: bwd})

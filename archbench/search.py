@@ -9,15 +9,16 @@ budget; each trial is an ``archbench eval`` depth sweep, scored by the objective
 - **Budget.** ``params`` (default): the model width is the largest multiple of the width step whose
   parameter count at the sweep's largest depth is at most the baseline's (the ``residual`` block at
   the preset's width). ``flops``: the same with forward FLOPs per example, counted by
-  ``torch.utils.flop_counter`` (recurrent blocks pay for every application of a shared layer).
+  ``archbench.nn.flop_counter`` (recurrent blocks pay for every application of a shared layer).
   ``none``: the preset's width for every trial.
 - **Objectives.** ``alpha`` (α_ℓ, maximise), ``loss`` (held-out loss at the largest depth, minimise),
   ``depth-to-solve`` (hardest difficulty; unsolved counts as twice the largest depth tried, minimise),
   ``redundancy`` (1 − mean effect of skipping a layer on the later layers, capped at 0; minimise).
   Several objectives make a multi-objective study whose answer is the Pareto front.
 - **Pruning.** In a single-objective study each trial reports the objective computed on the depths
-  finished so far (the depths train in increasing order), and Optuna's pruner stops trials that are
-  hopeless at that depth. Multi-objective studies are not pruned (Optuna has no pruner for them).
+  finished so far (the depths train in increasing order, one run at a time), and Optuna's pruner
+  stops trials that are hopeless at that depth. Multi-objective studies are not pruned (Optuna has no
+  pruner for them), so their trials train all depths together with the batched engine.
 - **Failures are data.** A trial that diverges, runs out of memory, exceeds the budget or raises is
   marked FAIL with the reason in its ``failure`` attribute, and the study goes on.
 - **Storage and resume.** A SQLite file under the runs directory by default; the study keeps the
@@ -275,9 +276,9 @@ def _suggest(trial, name: str, dist: BaseDistribution):
 def measure(block: str, config: dict, depth: int, task, width: int, budget: str) -> int:
     """Parameters, or forward FLOPs for one example, of ``block`` at ``depth`` and ``width``."""
     import torch
-    from torch.utils.flop_counter import FlopCounterMode
 
     from archbench.model import build_model
+    from archbench.nn import flop_counter
 
     entry = BLOCKS.get(block)
     with torch.device("cpu"):
@@ -286,7 +287,7 @@ def measure(block: str, config: dict, depth: int, task, width: int, budget: str)
     if budget == "params":
         return sum(p.numel() for p in model.parameters())
     x = task.batch(1, torch.Generator(device=task.device).manual_seed(0))[0].cpu()
-    counter = FlopCounterMode(display=False)
+    counter = flop_counter()
     with counter, torch.no_grad():
         model(x)
     return int(counter.get_total_flops())
@@ -473,9 +474,12 @@ class TrialRunner:
         self.spec, self.space, self.console = spec, space, console
         evaluators = sorted({e for o in spec.objectives for e in OBJECTIVES[o].evaluators})
         self.evaluators = evaluators
+        # a pruned study needs the depths one after another (the batched engine trains them together)
+        engine = "plain" if spec.pruner != "none" and len(spec.objectives) == 1 else "auto"
         self._eval_spec = lambda block, sets: EvalSpec(
             block=block, task=spec.task, preset=spec.preset, depths=spec.depths, seeds=spec.seeds,
-            sets=sets, evaluators=evaluators, device=spec.device, runs_dir=spec.runs_dir, plots=False)
+            sets=sets, evaluators=evaluators, device=spec.device, runs_dir=spec.runs_dir, plots=False,
+            engine=engine)
         # the baseline's resolved config checks task, preset, --set and the objectives' evaluators up front
         ref = resolve_config(self._eval_spec(spec.baseline or "residual", spec.sets))
         self.limit = None

@@ -12,6 +12,7 @@ import dataclasses
 import datetime
 import itertools
 import json
+import math
 import sys
 import warnings
 from pathlib import Path
@@ -34,6 +35,7 @@ from archbench.registry import BLOCKS, EVALUATORS, TASKS, Entry
 from archbench.train import TrainConfig, train
 
 SECTIONS = ("block", "task", "model", "train")
+ENGINES = ("auto", "batched", "plain")
 
 
 @dataclasses.dataclass
@@ -56,6 +58,9 @@ class EvalSpec:
     runs_dir: str = "runs"
     out: str | None = None
     plots: bool = True  # evaluators' figures beside the result JSON (a search turns them off)
+    # auto: train the sweep's runs together (archbench.batched) where that is exact, else one by one;
+    # batched: insist (an error says why not); plain: the reference loop, one run after another
+    engine: str = "auto"
 
 
 def parse_sets(items: list[str]) -> dict[str, dict[str, str]]:
@@ -182,6 +187,8 @@ def run_eval(spec: EvalSpec, console=None, on_run=None) -> dict:
     ``on_run(runs, task)`` is called after each run with the runs so far (a search reports
     intermediate values from it, and may stop the sweep by raising)."""
     console = console or Console(stderr=True)
+    if spec.engine not in ENGINES:
+        raise unknown("engine", spec.engine, ENGINES)
     config = resolve_config(spec)
     device = resolve_device(spec.device)
     block, task_entry = BLOCKS.get(spec.block), TASKS.get(spec.task)
@@ -203,14 +210,18 @@ def run_eval(spec: EvalSpec, console=None, on_run=None) -> dict:
     columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), SpeedColumn(),
                TextColumn("{task.fields[info]}"), TimeElapsedColumn()]
     with Progress(*columns, console=console, transient=True) as progress:
+        fresh = {} if spec.engine == "plain" else _train_together(
+            jobs, block, task_entry, task_for, store, env, progress, console, strict=spec.engine == "batched")
         sweep_bar = progress.add_task("sweep", total=len(jobs), info="")
         for vary, c, depth, seed in jobs:
             task = task_for(c)
             det = run_determinants(block, task_entry, c, depth, seed)
             key = run_key(det)
             record = store.load(key)
-            cached, model = record is not None, None
+            cached, model = record is not None and key not in fresh, fresh.get(key)
             where = (variant_label(vary) + ", " if vary else "") + f"depth {depth} seed {seed}"
+            if key in fresh:
+                console.print(_run_line(record, where))
             if record is None:
                 bar = progress.add_task(where, total=train_cfg.steps, info="")
 
@@ -268,25 +279,84 @@ def run_eval(spec: EvalSpec, console=None, on_run=None) -> dict:
     return result
 
 
-def _train_one(block, task_entry, task, config, train_cfg, det, key, store, env, on_log):
-    depth, seed = det["depth"], det["seed"]
+def _new_model(block, config, depth, seed, task) -> StreamModel:
+    """The model a run starts from: the same for a given seed, whichever engine trains it."""
     torch.manual_seed(seed)
     model = make_model(block, config, depth, task).to(task.device)
     probe = task.batch(2, torch.Generator(device=task.device).manual_seed(seed + 7919))[0]
     check_stream_shapes(model, probe, block.name)
+    return model
+
+
+def _train_one(block, task_entry, task, config, train_cfg, det, key, store, env, on_log):
+    model = _new_model(block, config, det["depth"], det["seed"], task)
     ckpt = store.checkpoint_path(key)
-    outcome = train(model, task, train_cfg, seed=seed, depth=depth, checkpoint=ckpt, on_log=on_log)
-    record = {"key": key, "spec": det, "block": block.name, "task": task_entry.name, "depth": depth,
-              "effective_depth": model.effective_depth, "seed": seed, "status": outcome.status,
+    outcome = train(model, task, train_cfg, seed=det["seed"], depth=det["depth"], checkpoint=ckpt, on_log=on_log)
+    record = _save_run(block, task_entry, task, model, outcome, det, key, store, env, {"name": "plain"})
+    ckpt.unlink(missing_ok=True)
+    return record, model
+
+
+def _save_run(block, task_entry, task, model, outcome, det, key, store, env, engine) -> dict:
+    record = {"key": key, "spec": det, "block": block.name, "task": task_entry.name, "depth": det["depth"],
+              "effective_depth": model.effective_depth, "seed": det["seed"], "status": outcome.status,
               "final_loss": outcome.final_loss, "eval": outcome.metrics, "failure": outcome.failure,
               "steps_done": outcome.steps_done, "history": outcome.history, "wall_s": round(outcome.train_s, 3),
               "solved": task.solved(outcome.metrics) if outcome.status == "ok" else False,
-              "params": sum(p.numel() for p in model.parameters()), "metrics": {}, "env": env,
+              "params": sum(p.numel() for p in model.parameters()), "metrics": {}, "env": env, "engine": engine,
               "finished": datetime.datetime.now(datetime.timezone.utc).isoformat()}
     torch.save(model.state_dict(), store.weights_path(key))
     store.save(record)
-    ckpt.unlink(missing_ok=True)
-    return record, model
+    return record
+
+
+def _train_together(jobs, block, task_entry, task_for, store, env, progress, console, strict) -> dict:
+    """Train the sweep's uncached runs with the batched engine, one batch per training budget;
+    returns {key: trained model}. Runs it cannot batch are left to the plain loop (with a note why)."""
+    from archbench.batched import Job, NotBatchable, train_batched
+
+    budgets: dict[str, list] = {}
+    for vary, c, depth, seed in jobs:
+        det = run_determinants(block, task_entry, c, depth, seed)
+        key = run_key(det)
+        if store.load(key) is None:
+            budget = run_key({k: v for k, v in c["train"].items() if k != "lr"})  # lr differences are grouped
+            budgets.setdefault(budget, []).append((c, det, key))
+    fresh = {}
+    for todo in budgets.values():
+        if len(todo) < 2:
+            continue
+        batch = []
+        for c, det, key in todo:
+            task = task_for(c)
+            batch.append(Job(_new_model(block, c, det["depth"], det["seed"], task), task, TrainConfig(**c["train"]),
+                             det["seed"], det["depth"], shape=run_key([c["block"], c["model"], det["depth"]])))
+        ckpt = store.checkpoint_path("batch-" + run_key(sorted(key for _, _, key in todo)))
+        steps = batch[0].cfg.steps
+        bar = progress.add_task(f"{len(batch)} runs together", total=steps, info="")
+
+        def on_log(step, losses, bar=bar):
+            finite = [v for v in losses if math.isfinite(v)]
+            info = f"loss {min(finite):.3g}-{max(finite):.3g}" if finite else "no finite loss"
+            progress.update(bar, completed=step, info=info)
+
+        try:
+            outcomes = train_batched(batch, ckpt, on_log)
+        except NotBatchable as e:
+            progress.remove_task(bar)
+            if strict:
+                raise UsageError(f"--engine batched: these runs cannot be trained together: {e}; "
+                                 f"use --engine plain") from None
+            console.print(f"[dim]training one run at a time: {e}[/]")
+            continue
+        progress.remove_task(bar)
+        wall = round(sum(o.train_s for o in outcomes), 3)
+        for (c, det, key), job, outcome in zip(todo, batch, outcomes):
+            _save_run(block, task_entry, job.task, job.model, outcome, det, key, store, env,
+                      {"name": "batched", "runs": len(batch), "wall_s": wall})
+            fresh[key] = job.model
+        ckpt.unlink(missing_ok=True)
+    return fresh
 
 
 def _model_evaluators(record, model, evaluators, store, block, config, task) -> dict:

@@ -28,6 +28,13 @@ IGNORE = -100  # label of a position that is not scored (F.cross_entropy's ignor
 EVAL_STREAM = 1_000_003  # offset of the held-out set's seed from the task's data seed
 
 
+def pure_loss(fn):
+    """Marks a task's ``loss`` as reading only (logits, targets), none of the task's settings, so that
+    batched training can compute it for runs of different settings in one vmapped call."""
+    fn.pure = True
+    return fn
+
+
 class Task:
     input: InputSpec
     presets: ClassVar[dict[str, dict[str, Any]]] = {}
@@ -49,6 +56,19 @@ class Task:
 
     def loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
+
+    # Batched training (archbench.batched) shares batches between runs: runs whose tasks have equal
+    # ``stream_key`` and equal seeds draw one ``draw`` per step, and each turns it into its own
+    # targets. The defaults share nothing; ``batch`` must equal ``targets(*draw(...))``.
+    def stream_key(self):
+        return id(self)
+
+    def draw(self, batch_size: int, generator: torch.Generator):
+        """(inputs, what runs with this stream key can share) for one step; default: the batch."""
+        return self.batch(batch_size, generator)
+
+    def targets(self, x: torch.Tensor, shared) -> torch.Tensor:
+        return shared
 
     def eval_batches(self, batch_size: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """The fixed held-out set: the same for every run of this task configuration."""
@@ -149,6 +169,7 @@ class SequenceTask(Task):
         x, y = self.heldout
         return list(zip(x.split(batch_size), y.split(batch_size)))
 
+    @pure_loss
     def loss(self, logits, targets):
         return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE)
 

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 import archbench
 from archbench.errors import ArchbenchError
 from archbench.model import InputSpec
-from archbench.task import Task
+from archbench.task import Task, pure_loss
 
 
 def default_corpus() -> str:
@@ -74,6 +74,7 @@ class TextLM(Task):
         starts = torch.randint(0, high, (batch_size,), generator=generator, device=self.device)
         return self._windows(self.train_data, starts)
 
+    @pure_loss
     def loss(self, logits, targets):
         return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
 

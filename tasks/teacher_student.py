@@ -17,7 +17,7 @@ import archbench
 from archbench.blocks.residual import PAPER_1, ResidualMLP
 from archbench.knobs import Range
 from archbench.model import InputSpec, Readout, StreamModel, VectorEmbed
-from archbench.task import Task
+from archbench.task import Task, pure_loss
 
 EVAL_STREAM = 1_000_003  # offset of the held-out generator's seed from the teacher seed
 
@@ -67,21 +67,30 @@ class TeacherStudent(Task):
             raise archbench.UsageError(f"task.temperature must be > 0, got {temperature}")
         self.temperature, self.dim, self.n_eval = temperature, dim, eval_batches
         self.teacher = make_teacher(teacher, teacher_depth, dim, vocab, teacher_seed).to(self.device)
+        self.teacher_key = (teacher, teacher_depth, dim, vocab, teacher_seed)
         self.eval_seed = teacher_seed + EVAL_STREAM
         self.input = InputSpec("vector", size=dim, out_dim=vocab)
         self._eval: dict[int, list] = {}
 
+    def stream_key(self):  # one teacher forward per step serves every temperature and student
+        return ("teacher-student", self.teacher_key)
+
     @torch.no_grad()
-    def _targets(self, x):  # teacher log-probabilities at temperature T, (B, vocab)
-        return F.log_softmax(self.teacher(x).squeeze(1).float() / self.temperature, dim=-1)
+    def draw(self, batch_size, generator):  # inputs and the teacher's logits
+        x = torch.randn(batch_size, self.dim, generator=generator, device=self.device)
+        return x, self.teacher(x).squeeze(1).float()
+
+    def targets(self, x, teacher_logits):  # teacher log-probabilities at temperature T, (B, vocab)
+        return F.log_softmax(teacher_logits / self.temperature, dim=-1)
 
     def batch(self, batch_size, generator):
-        x = torch.randn(batch_size, self.dim, generator=generator, device=self.device)
-        return x, self._targets(x)
+        x, teacher_logits = self.draw(batch_size, generator)
+        return x, self.targets(x, teacher_logits)
 
+    @pure_loss
     def loss(self, logits, targets):  # KL(teacher || student), batch mean
         logp = F.log_softmax(logits.squeeze(1).float(), dim=-1)
-        return F.kl_div(logp, targets, log_target=True, reduction="batchmean")
+        return (targets.exp() * (targets - logp)).sum(-1).mean()  # F.kl_div has no vmap rule
 
     def metrics(self, logits, targets):
         agree = logits.squeeze(1).argmax(-1) == targets.argmax(-1)

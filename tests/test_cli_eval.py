@@ -53,7 +53,7 @@ def test_smoke_preset_end_to_end_then_cached(cli, tmp_path):
 
 def test_interrupted_sweep_resumes(tmp_path):
     runs = tmp_path / "runs"
-    args = [sys.executable, "-m", "archbench", "eval", "--preset", "smoke", "--depths", "1,2,3",
+    args = [sys.executable, "-m", "archbench", "eval", "--preset", "smoke", "--depths", "1,2,3", "--engine", "plain",
             "--set", "train.steps=400", "--set", "train.checkpoint_every=100", "--runs-dir", str(runs),
             "--out", str(tmp_path / "r.json")]
     proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

@@ -1,6 +1,7 @@
 """`archbench search`: the space, the budget, objectives, storage, resume, failures, workers, PostgreSQL."""
 
 import glob
+import json
 import os
 import pwd
 import shutil
@@ -258,6 +259,9 @@ def test_single_objective_reports_intermediate_values(cli, tmp_path):
             # one report per finished depth; the last is the objective itself
             assert sorted(t.intermediate_values) == [1, 2, 3]
             assert t.intermediate_values[3] == pytest.approx(t.values[0])
+    # so its depths trained one after another (the pruner may stop a trial between them)
+    records = [json.loads(p.read_text()) for p in (runs / "records").glob("*.json")]
+    assert records and {r["engine"]["name"] for r in records} == {"plain"}
 
 
 def test_bad_input_gets_one_line(cli, tmp_path):

@@ -31,6 +31,9 @@ def add_arguments(p):
     p.add_argument("--evaluators", default=None,
                    help="comma-separated evaluator names (default: the task's, e.g. alpha-ell or depth-to-solve)")
     p.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda, cuda:N")
+    p.add_argument("--engine", choices=["auto", "batched", "plain"], default="auto",
+                   help="auto: train the sweep's runs together where that is exact (same losses as one by one), "
+                        "else one by one; batched: insist; plain: the reference loop, one run after another")
     p.add_argument("--runs-dir", default="runs", help="where run records and results go (default: ./runs)")
     p.add_argument("--out", default=None, help="result JSON path (plots are written beside it)")
 
@@ -45,7 +48,7 @@ def run(args) -> int:
                     recurrence=_int_list(args.recurrence, "--recurrence") if args.recurrence else None,
                     sets=parse_sets(args.sets),
                     evaluators=[e for e in args.evaluators.split(",") if e] if args.evaluators else None,
-                    device=args.device, runs_dir=args.runs_dir, out=args.out)
+                    device=args.device, runs_dir=args.runs_dir, out=args.out, engine=args.engine)
     err = Console(stderr=True, highlight=False)
     result = run_eval(spec, console=err)
 

@@ -1,0 +1,312 @@
+"""Batched training: the runs of a sweep trained together, step for step as the plain loop trains each.
+
+``archbench.train.train`` is the readable reference, one model at a time. This engine takes many runs
+that share a training budget (steps, batch size) and does in one step what that loop does in many:
+
+- **groups**: runs whose models have the same shape (block config, width, depth, learning rate;
+  differing in seed or task settings) have their parameters stacked
+  (``torch.func.stack_module_state``), and one ``vmap``-ed ``functional_call`` runs the whole group,
+  so the per-layer Python and kernel-launch cost is paid once per group, not once per run;
+- **streams**: runs that draw the same batches (same seed, same task inputs; ``Task.stream_key``) share
+  them, and whatever the task can share besides (``Task.draw``: the teacher's forward pass, whatever
+  the temperature), drawn once per step for every depth and every group;
+- the optimizer is timm's over the stacked tensors, which is the per-run optimizer exactly when it
+  is elementwise (Adam, AdamW, SGD, Lion, ...); weight decay is grouped as timm groups a model's
+  parameters, and gradient clipping uses each run's own norm.
+
+Each run starts from the model the plain loop would build (same seed, same init), and gets the
+batches the plain loop would draw, so the two paths give the same losses up to floating-point
+summation order (tests/test_batched.py states the tolerance). ``check`` says why a set of runs cannot
+be batched (a block that cannot be vmapped: in-place state, randomness in training mode, data-dependent
+Python control flow; an optimizer that is not elementwise); the sweep then uses the plain loop.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+import os
+import time
+import warnings
+from pathlib import Path
+from typing import Callable
+
+import torch
+from timm.optim import create_optimizer_v2, param_groups_weight_decay
+from torch import nn
+from torch.func import functional_call, stack_module_state, vmap
+
+from archbench.task import Task
+from archbench.train import Outcome, TrainConfig, autocast_for, make_scheduler, scaled_lr
+
+# timm optimizers whose update of each element reads only that element's state: stacking is exact
+ELEMENTWISE = ("adam", "adamw", "adamax", "nadam", "radam", "sgd", "momentum", "nesterov", "lion", "rmsprop")
+
+
+@dataclasses.dataclass
+class Job:
+    """One run: its model built and initialised exactly as the plain loop would, its task and seed."""
+
+    model: nn.Module
+    task: Task
+    cfg: TrainConfig
+    seed: int
+    depth: int
+    shape: str  # runs with equal shape keys have identical module structure (block config, width, depth)
+
+
+class NotBatchable(Exception):
+    """Why these runs cannot be trained by this engine (the sweep falls back to the plain loop)."""
+
+
+def check(jobs: list["Job"]) -> list["_Group"]:
+    """The groups ``jobs`` train in, each probed; ``NotBatchable`` if they cannot be trained together exactly."""
+    if len(jobs) < 2:
+        raise NotBatchable("a single run")
+    budgets = {(j.cfg.steps, j.cfg.batch_size, j.cfg.log_every, j.cfg.checkpoint_every) for j in jobs}
+    if len(budgets) > 1:
+        raise NotBatchable("the runs have different step counts or batch sizes")
+    if jobs[0].cfg.optimizer.lower() not in ELEMENTWISE:
+        raise NotBatchable(f"optimizer {jobs[0].cfg.optimizer!r} is not elementwise (batchable: {', '.join(ELEMENTWISE)})")
+    return [_Group(group) for group in _group(jobs)]
+
+
+def _group(jobs: list[Job]) -> list[list[Job]]:
+    groups: dict[tuple, list[Job]] = {}
+    for j in jobs:
+        groups.setdefault((j.shape, scaled_lr(j.cfg, j.depth), _loss_key(j.task)), []).append(j)
+    return list(groups.values())
+
+
+def _loss_key(task: Task):
+    # one vmapped loss serves the group when the loss reads nothing but (logits, targets)
+    fn = type(task).loss
+    return fn if getattr(fn, "pure", False) else id(task)
+
+
+class _Stream:
+    """One sequence of batches: a task's inputs for one seed, shared by every run that draws them."""
+
+    def __init__(self, task: Task, seed: int, device):
+        self.task = task
+        self.gen = torch.Generator(device=device).manual_seed(seed)
+        self.x = self.shared = None
+
+    def draw(self, batch_size: int) -> None:
+        self.x, self.shared = self.task.draw(batch_size, self.gen)
+
+
+class _Group:
+    """Runs of one shape with stacked parameters, one optimizer and one schedule."""
+
+    def __init__(self, jobs: list[Job]):
+        self.jobs = jobs
+        models = [j.model for j in jobs]
+        self.names = [n for n, p in models[0].named_parameters() if p.requires_grad]
+        try:
+            params, self.buffers = stack_module_state(models)
+        except Exception as e:  # modules of different structure
+            raise NotBatchable(f"the models cannot be stacked ({_first_line(e)})") from None
+        self.params = {n: params[n] for n in self.names}
+        self.frozen = {n: p for n, p in params.items() if n not in self.params}
+        template = copy.deepcopy(models[0]).to("meta")
+
+        def one(p, b, x):
+            return functional_call(template, (p, b), (x,), tie_weights=False)
+
+        task = jobs[0].task
+        self.vmapped = vmap(one, in_dims=(0, 0, 0), randomness="error")
+        self.loss = vmap(task.loss) if all(_loss_key(j.task) == _loss_key(task) for j in jobs) and \
+            getattr(type(task).loss, "pure", False) else None
+        self._probe()
+        self.forward = self.vmapped
+        if len(jobs) == 1:  # nothing to batch: the run's own forward, on views of the stacked tensors
+            self.forward = lambda p, b, x: one({n: v[0] for n, v in p.items()}, {n: v[0] for n, v in b.items()},
+                                               x[0]).unsqueeze(0)
+            self.loss = lambda logits, targets: task.loss(logits[0], targets[0]).unsqueeze(0)
+
+    def state(self):
+        return {**self.params, **self.frozen}, self.buffers
+
+    def _probe(self) -> None:
+        """The vmapped forward equals each model's own forward (train mode) on a small batch."""
+        j0 = self.jobs[0]
+        g = torch.Generator(device=j0.task.device).manual_seed(j0.seed + 7919)
+        x, _ = j0.task.batch(2, g)
+        try:
+            with torch.no_grad():
+                out = self.vmapped(*self.state(), x.expand(len(self.jobs), *x.shape))
+                ref = [j.model.train()(x) for j in self.jobs[:2]]
+        except Exception as e:
+            raise NotBatchable(f"the model cannot be vmapped ({_first_line(e)})") from None
+        for i, r in enumerate(ref):
+            if not torch.allclose(out[i].float(), r.float(), rtol=1e-4, atol=1e-5, equal_nan=True):
+                raise NotBatchable("the vmapped model does not reproduce the model's own forward pass")
+
+    def build_optimizer(self, cfg: TrainConfig):
+        lr = scaled_lr(cfg, self.jobs[0].depth)
+        # timm's weight-decay groups of one model, mapped onto the stacked tensors by name
+        name_of = {id(p): n for n, p in self.jobs[0].model.named_parameters()}
+        groups = [{**g, "params": [self.params[name_of[id(p)]] for p in g["params"]]}
+                  for g in param_groups_weight_decay(self.jobs[0].model, cfg.weight_decay)]
+        extra = {"fused": True} if cfg.optimizer.lower() in ("adam", "adamw") and \
+            next(iter(self.params.values())).is_cuda else {}
+        self.opt = create_optimizer_v2(groups, opt=cfg.optimizer, lr=lr, weight_decay=cfg.weight_decay, **extra)
+        self.sched = make_scheduler(self.opt, cfg, lr)
+
+    def losses(self, logits, targets):
+        if self.loss is not None:
+            return self.loss(logits, targets)
+        return torch.stack([j.task.loss(logits[i], targets[i]) for i, j in enumerate(self.jobs)])
+
+    def clip(self, max_norm: float) -> None:
+        """Per-run gradient clipping, as ``clip_grad_norm_`` does for each model on its own."""
+        grads = [p.grad for p in self.params.values() if p.grad is not None]
+        norms = torch.stack([g.flatten(1).pow(2).sum(1) for g in grads]).sum(0).sqrt()
+        scale = (max_norm / (norms + 1e-6)).clamp(max=1.0)
+        for g in grads:
+            g.mul_(scale.view(-1, *[1] * (g.dim() - 1)))
+
+    def unstack(self, i: int) -> nn.Module:
+        model = self.jobs[i].model
+        params, buffers = self.state()
+        model.load_state_dict({**{n: p[i].detach() for n, p in params.items()},
+                               **{n: b[i] for n, b in buffers.items()}}, strict=False)
+        return model
+
+
+def train_batched(jobs: list[Job], checkpoint: Path | None = None,
+                  on_log: Callable[[int, list[float]], None] | None = None) -> list[Outcome]:
+    """Train ``jobs`` together; one ``Outcome`` per job, as ``train`` would give for each alone.
+
+    Each outcome's ``train_s`` is the batch's wall time shared equally among its runs. A checkpoint
+    every ``checkpoint_every`` steps lets a killed batch resume where it stopped.
+    """
+    with warnings.catch_warnings():  # ops without a vmap rule are looped over the runs: slower, still exact
+        warnings.filterwarnings("ignore", message="There is a performance drop")
+        return _train(jobs, checkpoint, on_log)
+
+
+def _train(jobs, checkpoint, on_log):
+    cfg = jobs[0].cfg
+    device = jobs[0].task.device
+    for j in jobs:
+        j.model.to(device).train()
+    groups = check(jobs)
+    for g in groups:
+        g.build_optimizer(g.jobs[0].cfg)
+    streams: dict[tuple, _Stream] = {}
+    stream_of = {}  # id(job) -> stream key
+    for j in jobs:
+        key = (j.task.stream_key(), j.seed)
+        streams.setdefault(key, _Stream(j.task, j.seed, device))
+        stream_of[id(j)] = key
+    # per group, each run's (stream, key of its targets, task): looked up once, not every step
+    feeds = [[(streams[stream_of[id(j)]], (stream_of[id(j)], id(j.task)), j.task) for j in g.jobs] for g in groups]
+    tasks = {id(j.task): j.task for j in jobs}.values()
+    histories = {id(j): [] for j in jobs}
+    failures: dict[int, tuple[float, str, int]] = {}  # id(job) -> (loss, why, step)
+    start, elapsed = 0, 0.0
+    if checkpoint is not None and checkpoint.exists():
+        start, elapsed = _load(checkpoint, groups, streams, histories, failures, jobs)
+
+    t0 = time.perf_counter() - elapsed
+    for step in range(start, cfg.steps):
+        for task in tasks:
+            task.set_progress(step / cfg.steps)
+        for s in streams.values():
+            s.draw(cfg.batch_size)
+        targets: dict[tuple, torch.Tensor] = {}  # (stream, task) -> targets, shared across groups
+        done = step + 1
+        logged = []
+        for g, feed in zip(groups, feeds):
+            for s, key, task in feed:
+                if key not in targets:
+                    targets[key] = task.targets(s.x, s.shared)
+            xs = [s.x for s, _, _ in feed]
+            ys = [targets[key] for _, key, _ in feed]
+            with autocast_for(device, cfg.precision):
+                logits = g.forward(*g.state(), torch.stack(xs))
+            losses = g.losses(logits, torch.stack(ys))
+            g.opt.zero_grad(set_to_none=True)
+            losses.nan_to_num(0.0, 0.0, 0.0).sum().backward()  # a diverged run must not stop the others
+            if cfg.grad_clip > 0:
+                g.clip(cfg.grad_clip)
+            g.opt.step()
+            if g.sched is not None:
+                g.sched.step_update(done)
+            if done % cfg.log_every == 0 or done == cfg.steps:
+                logged.append((g, losses.detach()))
+        if logged:
+            values = []
+            for g, losses in logged:
+                for j, value in zip(g.jobs, losses.tolist()):  # one device sync per group per log point
+                    if id(j) in failures:
+                        continue
+                    histories[id(j)].append([done, value])
+                    values.append(value)
+                    if not math.isfinite(value):
+                        failures[id(j)] = (value, f"loss became {value} at step {done}", done)
+            if on_log:
+                on_log(done, values)
+        if checkpoint is not None and cfg.checkpoint_every and done % cfg.checkpoint_every == 0 and done < cfg.steps:
+            _save(checkpoint, done, time.perf_counter() - t0, groups, streams, histories, failures, jobs)
+
+    train_s = (time.perf_counter() - t0) / len(jobs)
+    outcomes = {}
+    for g in groups:
+        for i, j in enumerate(g.jobs):
+            history = histories[id(j)]
+            if id(j) in failures:
+                value, why, at = failures[id(j)]
+                outcomes[id(j)] = Outcome("failed", value, {}, at, history, train_s, failure=why)
+                continue
+            model = g.unstack(i)
+            metrics = j.task.evaluate(model, cfg.eval_batch_size or cfg.batch_size, autocast_for(device, cfg.precision))
+            if not math.isfinite(metrics["loss"]):
+                outcomes[id(j)] = Outcome("failed", metrics["loss"], metrics, cfg.steps, history, train_s,
+                                          failure=f"held-out loss is {metrics['loss']} after step {cfg.steps}")
+            else:
+                outcomes[id(j)] = Outcome("ok", metrics["loss"], metrics, cfg.steps, history, train_s)
+    return [outcomes[id(j)] for j in jobs]
+
+
+def _save(path, step, train_s, groups, streams, histories, failures, jobs):
+    index = {id(j): i for i, j in enumerate(jobs)}
+    state = {"step": step, "train_s": train_s,
+             "groups": [{"params": {n: p.detach() for n, p in g.params.items()}, "buffers": g.buffers,
+                         "optimizer": g.opt.state_dict(),
+                         "scheduler": g.sched.state_dict() if g.sched is not None else {}} for g in groups],
+             "generators": [s.gen.get_state() for s in streams.values()],
+             "histories": [histories[id(j)] for j in jobs],
+             "failures": {index[k]: list(v) for k, v in failures.items()}}
+    tmp = path.with_suffix(".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def _load(path, groups, streams, histories, failures, jobs) -> tuple[int, float]:
+    device = jobs[0].task.device
+    state = torch.load(path, map_location=device, weights_only=True)
+    with torch.no_grad():
+        for g, saved in zip(groups, state["groups"]):
+            for n, p in g.params.items():
+                p.copy_(saved["params"][n])
+            for n, b in g.buffers.items():
+                b.copy_(saved["buffers"][n])
+            g.opt.load_state_dict(saved["optimizer"])
+            if g.sched is not None:
+                g.sched.load_state_dict(saved["scheduler"])
+    for s, gen_state in zip(streams.values(), state["generators"]):
+        s.gen.set_state(gen_state.cpu())
+    for j, h in zip(jobs, state["histories"]):
+        histories[id(j)] = h
+    for i, v in state["failures"].items():
+        failures[id(jobs[int(i)])] = tuple(v)
+    return state["step"], state["train_s"]
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0] if text else ''}"[:200]

@@ -1,0 +1,141 @@
+"""The batched engine trains a sweep's runs together and gives the plain loop's losses.
+
+Tolerance: on a CPU the two paths agree to float32 rounding, stated here as 1e-5 relative on every
+logged training loss and on the held-out loss (in practice they agree bitwise: vmap runs the same
+kernels). On CUDA the grouped matmuls may sum in another order, so the GPU test allows 2e-3.
+"""
+
+import json
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from archbench.sweep import EvalSpec, run_eval
+
+RTOL = 1e-5
+
+
+def _losses(result):
+    return {(tuple(sorted(r["vary"].items())), r["depth"], r["seed"]): r for r in result["runs"]}
+
+
+def _records(runs_dir):
+    return {p.stem: json.loads(p.read_text()) for p in (runs_dir / "records").glob("*.json")}
+
+
+def _same(a, b, rtol=RTOL):
+    assert a.keys() == b.keys()
+    for key in a:
+        ra, rb = a[key], b[key]
+        assert ra["final_loss"] == pytest.approx(rb["final_loss"], rel=rtol), key
+        ha, hb = ra["history"], rb["history"]
+        assert [s for s, _ in ha] == [s for s, _ in hb]
+        assert [v for _, v in ha] == pytest.approx([v for _, v in hb], rel=rtol), key
+
+
+@pytest.mark.parametrize("sets", [
+    # temperatures share one teacher forward per step; two seeds; two depths -> two groups of four
+    {"task": {"temperature": "1,0.25"}, "train": {"steps": "60"}},
+    # per-run gradient clipping and timm's weight-decay groups, with a warmup-cosine schedule
+    {"train": {"steps": "60", "grad_clip": "0.05", "optimizer": "adamw", "weight_decay": "0.1",
+               "schedule": "cosine", "warmup_frac": "0.2"}},
+])
+def test_batched_training_gives_the_plain_loops_losses(tmp_path, sets):
+    common = dict(block="residual-mlp", task="teacher-student", preset="smoke", depths=[2, 4], seeds=2, sets=sets,
+                  evaluators=["alpha-ell"], device="cpu", plots=False)
+    fast = run_eval(EvalSpec(**common, engine="batched", runs_dir=str(tmp_path / "fast")))
+    plain = run_eval(EvalSpec(**common, engine="plain", runs_dir=str(tmp_path / "plain")))
+    rf, rp = _records(tmp_path / "fast"), _records(tmp_path / "plain")
+    assert rf.keys() == rp.keys()  # the engine is not part of what determines a run
+    _same(rf, rp)
+    n = len(rf)
+    assert n == (8 if "task" in sets else 4)
+    assert all(r["engine"]["name"] == "batched" and r["engine"]["runs"] == n for r in rf.values())
+    assert all(r["engine"] == {"name": "plain"} for r in rp.values())
+    fits = [res["metrics"]["alpha-ell"].get("variants", [res["metrics"]["alpha-ell"]]) for res in (fast, plain)]
+    assert [f["value"] for f in fits[0]] == pytest.approx([f["value"] for f in fits[1]], rel=1e-4)
+
+
+def test_sequence_task_with_attention_batches_exactly(tmp_path):
+    common = dict(block="residual", task="cfg-language", preset="smoke", depths=[1, 2], seeds=2,
+                  sets={"train": {"steps": "25"}}, evaluators=["alpha-ell"], device="cpu", plots=False)
+    run_eval(EvalSpec(**common, engine="batched", runs_dir=str(tmp_path / "fast")))
+    run_eval(EvalSpec(**common, engine="plain", runs_dir=str(tmp_path / "plain")))
+    _same(_records(tmp_path / "fast"), _records(tmp_path / "plain"))
+
+
+def test_a_diverging_run_fails_alone(tmp_path):
+    """A run whose loss turns NaN is recorded as failed at that step; its group goes on unchanged."""
+    from archbench.batched import Job, train_batched
+    from archbench.registry import BLOCKS, TASKS
+    from archbench.sweep import _new_model, make_task, resolve_config
+    from archbench.train import TrainConfig, train
+
+    c = resolve_config(EvalSpec(preset="smoke"))
+    task = make_task(TASKS.get("teacher-student"), c["task"], torch.device("cpu"))
+    cfg = TrainConfig(**{**c["train"], "steps": 30, "log_every": 5})
+
+    def jobs():
+        return [Job(_new_model(BLOCKS.get("residual-mlp"), c, 3, s, task), task, cfg, s, 3, "3") for s in range(3)]
+
+    batch = jobs()
+    with torch.no_grad():
+        next(batch[1].model.parameters()).fill_(float("nan"))
+    out = train_batched(batch)
+    assert out[1].status == "failed" and out[1].failure == "loss became nan at step 5" and out[1].steps_done == 5
+    for i in (0, 2):
+        ref = train(jobs()[i].model, task, cfg, seed=i, depth=3)
+        assert out[i].status == "ok" and out[i].final_loss == pytest.approx(ref.final_loss, rel=RTOL)
+
+
+def test_unbatchable_runs_fall_back_to_the_plain_loop_or_are_refused(cli, tmp_path):
+    # drop_path draws random numbers in training: vmap cannot reproduce the plain loop's draws
+    args = ["eval", "--block", "residual", "--preset", "smoke", "--depths", "2,3", "--set", "train.steps=5",
+            "--set", "block.drop_path=0.1", "--evaluators", "alpha-ell"]
+    r = cli(*args, "--runs-dir", tmp_path / "a", "--out", tmp_path / "a.json")
+    assert r.returncode == 0, r.stderr
+    assert "training one run at a time: the model cannot be vmapped" in r.stderr
+    recs = _records(tmp_path / "a")
+    assert len(recs) == 2 and all(rec["engine"] == {"name": "plain"} for rec in recs.values())
+    r = cli(*args, "--engine", "batched", "--runs-dir", tmp_path / "b", "--out", tmp_path / "b.json")
+    assert r.returncode == 2 and "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert "--engine batched: these runs cannot be trained together" in r.stderr and "--engine plain" in r.stderr
+    assert not list((tmp_path / "b").glob("records/*.json"))
+
+
+def test_killed_batch_resumes_to_the_same_losses(tmp_path):
+    def args(runs):
+        return [sys.executable, "-m", "archbench", "eval", "--preset", "smoke", "--depths", "1,2",
+                "--set", "train.steps=600", "--set", "train.checkpoint_every=100", "--evaluators", "alpha-ell",
+                "--runs-dir", str(runs), "--out", str(runs / "r.json")]
+
+    proc = subprocess.Popen(args(tmp_path / "killed"), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    records = tmp_path / "killed" / "records"
+    deadline = time.time() + 240
+    while time.time() < deadline and not list(records.glob("batch-*.ckpt.pt")):
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert list(records.glob("batch-*.ckpt.pt")) and not list(records.glob("*.json")), "killed mid-batch"
+    for runs in (tmp_path / "killed", tmp_path / "whole"):
+        done = subprocess.run(args(runs), capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr
+    assert not list(records.glob("*.ckpt.pt"))
+    _same(_records(tmp_path / "killed"), _records(tmp_path / "whole"))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_batched_matches_plain_on_cuda_with_bf16(tmp_path):
+    common = dict(block="residual-mlp", task="teacher-student", preset="smoke", depths=[2, 4], seeds=2,
+                  sets={"train": {"steps": "40", "precision": "fp32"}}, evaluators=["alpha-ell"], device="cuda",
+                  plots=False)
+    run_eval(EvalSpec(**common, engine="batched", runs_dir=str(tmp_path / "fast")))
+    run_eval(EvalSpec(**common, engine="plain", runs_dir=str(tmp_path / "plain")))
+    _same(_records(tmp_path / "fast"), _records(tmp_path / "plain"), rtol=2e-3)
+    bf16 = {**common, "sets": {"train": {"steps": "40", "precision": "bf16"}}}
+    res = run_eval(EvalSpec(**bf16, engine="batched", runs_dir=str(tmp_path / "bf16")))
+    assert all(r["status"] == "ok" for r in res["runs"])
