@@ -26,10 +26,10 @@ from pathlib import Path
 
 from rich.console import Console
 
+from archbench.errors import UsageError
 from archbench.leaderboard import build
 from archbench.registry import BLOCKS
 from archbench.search import SearchSpec, run_search
-from archbench.errors import UsageError
 from archbench.sweep import EvalSpec, resolve_config, run_eval
 
 HERE = Path(__file__).resolve().parent
@@ -69,7 +69,7 @@ def promoted(result: dict, study: str, storage: str, steepest: int = 5) -> list[
 
     from archbench.search import open_storage, trial_row
 
-    rows = [r for r in result["best"]]
+    rows = list(result["best"])
     if result["baseline"] and result["baseline"] not in rows:
         rows.append(result["baseline"])
     done = optuna.load_study(study_name=study, storage=open_storage(storage, heartbeat=False)).get_trials(
