@@ -26,7 +26,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
-import os
 import time
 import warnings
 from pathlib import Path
@@ -37,6 +36,7 @@ from timm.optim import create_optimizer_v2, param_groups_weight_decay
 from torch import nn
 from torch.func import functional_call, stack_module_state, vmap
 
+from archbench.records import atomic_write
 from archbench.task import Task
 from archbench.train import Outcome, TrainConfig, autocast_for, make_scheduler, scaled_lr
 
@@ -189,21 +189,13 @@ def train_batched(jobs: list[Job], checkpoint: Path | None = None,
 
 
 def _train(jobs, checkpoint, on_log):
-    cfg = jobs[0].cfg
-    device = jobs[0].task.device
+    cfg, device = jobs[0].cfg, jobs[0].task.device
     for j in jobs:
         j.model.to(device).train()
     groups = check(jobs)
     for g in groups:
         g.build_optimizer(g.jobs[0].cfg)
-    streams: dict[tuple, _Stream] = {}
-    stream_of = {}  # id(job) -> stream key
-    for j in jobs:
-        key = (j.task.stream_key(), j.seed)
-        streams.setdefault(key, _Stream(j.task, j.seed, device))
-        stream_of[id(j)] = key
-    # per group, each run's (stream, key of its targets, task): looked up once, not every step
-    feeds = [[(streams[stream_of[id(j)]], (stream_of[id(j)], id(j.task)), j.task) for j in g.jobs] for g in groups]
+    streams, feeds = _streams(jobs, groups, device)
     tasks = {id(j.task): j.task for j in jobs}.values()
     histories = {id(j): [] for j in jobs}
     failures: dict[int, tuple[float, str, int]] = {}  # id(job) -> (loss, why, step)
@@ -213,47 +205,77 @@ def _train(jobs, checkpoint, on_log):
 
     t0 = time.perf_counter() - elapsed
     for step in range(start, cfg.steps):
+        done = step + 1
         for task in tasks:
             task.set_progress(step / cfg.steps)
         for s in streams.values():
             s.draw(cfg.batch_size)
-        targets: dict[tuple, torch.Tensor] = {}  # (stream, task) -> targets, shared across groups
-        done = step + 1
-        logged = []
-        for g, feed in zip(groups, feeds):
-            for s, key, task in feed:
-                if key not in targets:
-                    targets[key] = task.targets(s.x, s.shared)
-            xs = [s.x for s, _, _ in feed]
-            ys = [targets[key] for _, key, _ in feed]
-            with autocast_for(device, cfg.precision):
-                logits = g.forward(*g.state(), torch.stack(xs))
-            losses = g.losses(logits, torch.stack(ys))
-            g.opt.zero_grad(set_to_none=True)
-            losses.nan_to_num(0.0, 0.0, 0.0).sum().backward()  # a diverged run must not stop the others
-            if cfg.grad_clip > 0:
-                g.clip(cfg.grad_clip)
-            g.opt.step()
-            if g.sched is not None:
-                g.sched.step_update(done)
-            if done % cfg.log_every == 0 or done == cfg.steps:
-                logged.append((g, losses.detach()))
+        logged = _step(groups, feeds, cfg, done, device)
         if logged:
-            values = []
-            for g, losses in logged:
-                for j, value in zip(g.jobs, losses.tolist()):  # one device sync per group per log point
-                    if id(j) in failures:
-                        continue
-                    histories[id(j)].append([done, value])
-                    values.append(value)
-                    if not math.isfinite(value):
-                        failures[id(j)] = (value, f"loss became {value} at step {done}", done)
+            values = _record_losses(logged, histories, failures, done)
             if on_log:
                 on_log(done, values)
         if checkpoint is not None and cfg.checkpoint_every and done % cfg.checkpoint_every == 0 and done < cfg.steps:
             _save(checkpoint, done, time.perf_counter() - t0, groups, streams, histories, failures, jobs)
-
     train_s = (time.perf_counter() - t0) / len(jobs)
+    return _outcomes(jobs, groups, histories, failures, train_s)
+
+
+def _streams(jobs, groups, device):
+    """One batch stream per (task inputs, seed), and per group each run's (stream, key of its targets, task),
+    looked up once, not every step."""
+    streams: dict[tuple, _Stream] = {}
+    stream_of = {}  # id(job) -> stream key
+    for j in jobs:
+        key = (j.task.stream_key(), j.seed)
+        streams.setdefault(key, _Stream(j.task, j.seed, device))
+        stream_of[id(j)] = key
+    feeds = [[(streams[stream_of[id(j)]], (stream_of[id(j)], id(j.task)), j.task) for j in g.jobs] for g in groups]
+    return streams, feeds
+
+
+def _step(groups, feeds, cfg, done, device) -> list:
+    """One optimizer step of every group on the batches drawn; the groups' losses at a log point."""
+    targets: dict[tuple, torch.Tensor] = {}  # (stream, task) -> targets, shared across groups
+    logged = []
+    for g, feed in zip(groups, feeds):
+        for s, key, task in feed:
+            if key not in targets:
+                targets[key] = task.targets(s.x, s.shared)
+        xs = [s.x for s, _, _ in feed]
+        ys = [targets[key] for _, key, _ in feed]
+        with autocast_for(device, cfg.precision):
+            logits = g.forward(*g.state(), torch.stack(xs))
+        losses = g.losses(logits, torch.stack(ys))
+        g.opt.zero_grad(set_to_none=True)
+        losses.nan_to_num(0.0, 0.0, 0.0).sum().backward()  # a diverged run must not stop the others
+        if cfg.grad_clip > 0:
+            g.clip(cfg.grad_clip)
+        g.opt.step()
+        if g.sched is not None:
+            g.sched.step_update(done)
+        if done % cfg.log_every == 0 or done == cfg.steps:
+            logged.append((g, losses.detach()))
+    return logged
+
+
+def _record_losses(logged, histories, failures, done) -> list[float]:
+    """Each run's loss into its history (a non-finite one fails the run); the values for the progress line."""
+    values = []
+    for g, losses in logged:
+        for j, value in zip(g.jobs, losses.tolist()):  # one device sync per group per log point
+            if id(j) in failures:
+                continue
+            histories[id(j)].append([done, value])
+            values.append(value)
+            if not math.isfinite(value):
+                failures[id(j)] = (value, f"loss became {value} at step {done}", done)
+    return values
+
+
+def _outcomes(jobs, groups, histories, failures, train_s) -> list[Outcome]:
+    """Each run's held-out evaluation on its own (unstacked) model, as the plain loop ends."""
+    cfg, device = jobs[0].cfg, jobs[0].task.device
     outcomes = {}
     for g in groups:
         for i, j in enumerate(g.jobs):
@@ -281,9 +303,7 @@ def _save(path, step, train_s, groups, streams, histories, failures, jobs):
              "generators": [s.gen.get_state() for s in streams.values()],
              "histories": [histories[id(j)] for j in jobs],
              "failures": {index[k]: list(v) for k, v in failures.items()}}
-    tmp = path.with_suffix(".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    atomic_write(path, lambda f: torch.save(state, f))
 
 
 def _load(path, groups, streams, histories, failures, jobs) -> tuple[int, float]:

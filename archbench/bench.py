@@ -77,20 +77,21 @@ def _reset_memory(device):
 def sweep_part(device, steps: int, which: str, console=None) -> dict:
     from archbench.batched import Job, train_batched
     from archbench.registry import BLOCKS, TASKS
-    from archbench.sweep import EvalSpec, _new_model, make_task, resolve_config
+    from archbench.config import EvalSpec, resolve_config
+    from archbench.sweep import make_task, new_model
     from archbench.train import TrainConfig, train
 
     depths, temps, teachers, kinds, preset = SWEEPS["cuda" if which == "paper" else "cpu"]
     c = resolve_config(EvalSpec(block="residual-mlp", task="teacher-student", preset=preset))
     log_every = max(steps // 5, 1)
-    cfg = TrainConfig(**{**c["train"], "steps": steps + log_every, "log_every": log_every, "checkpoint_every": 0})
+    cfg = TrainConfig(**{**c.train, "steps": steps + log_every, "log_every": log_every, "checkpoint_every": 0})
     block, task_entry = BLOCKS.get("residual-mlp"), TASKS.get("teacher-student")
-    tasks = {(k, s, t): make_task(task_entry, {**c["task"], "teacher": k, "teacher_seed": s, "temperature": t,
+    tasks = {(k, s, t): make_task(task_entry, {**c.task, "teacher": k, "teacher_seed": s, "temperature": t,
                                                 "eval_batches": 1}, device)
              for k in kinds for s in teachers for t in temps}
 
     def jobs(keys):
-        return [Job(_new_model(block, c, d, 0, tasks[key]), tasks[key], cfg, 0, d, str(d)) for key in keys for d in depths]
+        return [Job(new_model(block, c, d, 0, tasks[key]), tasks[key], cfg, 0, d, str(d)) for key in keys for d in depths]
 
     def throughput(clock, n_students):
         n, sec = clock.steps_and_seconds()
@@ -125,9 +126,9 @@ def sweep_part(device, steps: int, which: str, console=None) -> dict:
         "speedup": full["samples_per_s"] / plain["samples_per_s"],
         "speedup_slice": results["slice"]["samples_per_s"] / plain["samples_per_s"],
         # the whole sweep at the preset's step count, from the rates above
-        "projected": {"steps": c["train"]["steps"],
-                      "batched_h": full["students"] * c["train"]["steps"] * cfg.batch_size / full["samples_per_s"] / 3600,
-                      "plain_h": full["students"] * c["train"]["steps"] * cfg.batch_size / plain["samples_per_s"] / 3600},
+        "projected": {"steps": c.train["steps"],
+                      "batched_h": full["students"] * c.train["steps"] * cfg.batch_size / full["samples_per_s"] / 3600,
+                      "plain_h": full["students"] * c.train["steps"] * cfg.batch_size / plain["samples_per_s"] / 3600},
     }
 
 
@@ -156,7 +157,8 @@ def matmul_rate(device, dtype, seconds: float = 4.0) -> dict:
 def sequence_part(device, steps: int, console=None) -> dict:
     from archbench.nn import flop_counter
     from archbench.registry import BLOCKS, TASKS
-    from archbench.sweep import EvalSpec, _new_model, make_task, resolve_config
+    from archbench.config import EvalSpec, resolve_config
+    from archbench.sweep import make_task, new_model
     from archbench.train import TrainConfig, autocast_for, train
 
     width, depth, heads, seq_len, batch = SEQUENCE[device.type]
@@ -164,10 +166,10 @@ def sequence_part(device, steps: int, console=None) -> dict:
                                 sets={"model": {"width": str(width)}, "block": {"heads": str(heads)},
                                       "task": {"seq_len": str(seq_len), "eval_batches": "1"}}))
     log_every = max(steps // 5, 1)
-    cfg = TrainConfig(**{**c["train"], "steps": steps + log_every, "batch_size": batch, "log_every": log_every,
+    cfg = TrainConfig(**{**c.train, "steps": steps + log_every, "batch_size": batch, "log_every": log_every,
                          "checkpoint_every": 0})
-    task = make_task(TASKS.get("lm-char"), c["task"], device)
-    model = _new_model(BLOCKS.get("residual"), c, depth, 0, task)
+    task = make_task(TASKS.get("lm-char"), c.task, device)
+    model = new_model(BLOCKS.get("residual"), c, depth, 0, task)
     precision = "bf16" if cfg.precision == "bf16" or (device.type == "cuda" and cfg.precision == "auto") else "fp32"
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
     say = console.print if console else (lambda *a: None)

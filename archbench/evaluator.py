@@ -22,6 +22,8 @@ import contextlib
 from pathlib import Path
 from typing import ClassVar
 
+from archbench.records import RunRecord
+
 
 class Evaluator:
     kind: ClassVar[str] = "model"
@@ -44,10 +46,10 @@ class Evaluator:
     def evaluate_model(self, model, task) -> dict:
         raise NotImplementedError
 
-    def evaluate_sweep(self, runs: list[dict], task) -> dict:
+    def evaluate_sweep(self, runs: list[RunRecord], task) -> dict:
         raise NotImplementedError
 
-    def plot(self, result: dict, runs: list[dict], path: Path) -> bool:
+    def plot(self, result: dict, runs: list[RunRecord], path: Path) -> bool:
         """Draw this evaluator's figure to ``path``; return False if it has none."""
         return False
 

@@ -11,6 +11,7 @@ lost. Records are validated on ingestion; a malformed or foreign file is reporte
 from __future__ import annotations
 
 import csv
+import dataclasses
 import datetime
 import io
 import json
@@ -23,16 +24,11 @@ from typing import Any
 import archbench
 from archbench.errors import ArchbenchError
 from archbench.knobs import knobs_of, resolve
-from archbench.records import RECORD_VERSION, atomic_write_text, run_key
+from archbench.config import ModelConfig
+from archbench.records import NUMERICS_VERSION, RunRecord, RunStore, atomic_write_text, digest
+from archbench.sweep import make_task
 
 TABLE_VERSION = 1
-
-# field -> (type, required); "spec" holds what determined the run
-_RECORD_FIELDS = {"key": (str, True), "record_version": (int, True), "block": (str, True), "task": (str, True),
-                  "depth": (int, True), "effective_depth": (int, True), "seed": (int, True), "status": (str, True),
-                  "spec": (dict, True), "params": (int, True), "wall_s": ((int, float), True), "env": (dict, True),
-                  "metrics": (dict, True), "final_loss": ((int, float, type(None)), True)}
-_SPEC_FIELDS = ("block", "block_cfg", "task", "task_cfg", "model", "train", "depth", "seed", "archbench")
 
 COLUMNS = {
     "block": "registered block name",
@@ -58,50 +54,27 @@ COLUMNS = {
 }
 
 
-def validate_record(data: Any, path: Path) -> str | None:
-    """Why ``data`` (read from ``path``) is not a usable archbench run record, or None if it is."""
-    if not isinstance(data, dict):
-        return "not a JSON object"
-    for field, (types, required) in _RECORD_FIELDS.items():
-        if field not in data:
-            return f"no '{field}'"
-        if not isinstance(data[field], types) or (types is int and isinstance(data[field], bool)):
-            return f"'{field}' has the wrong type ({type(data[field]).__name__})"
-    if data["record_version"] != RECORD_VERSION:
-        return f"record_version {data['record_version']} (this archbench reads {RECORD_VERSION})"
-    if data["key"] != path.stem:
-        return f"its key {data['key']!r} does not match the file name"
-    missing = [f for f in _SPEC_FIELDS if f not in data["spec"]]
-    if missing:
-        return f"its spec lacks {', '.join(missing)}"
-    return None
-
-
-def load_records(runs_dirs: list[str | Path]) -> tuple[list[dict], list[str]]:
-    """Every valid run record under ``RUNS_DIR/records``; and one line per file skipped."""
-    records, skipped = [], []
+def load_records(runs_dirs: list[str | Path]) -> tuple[list[RunRecord], dict[str, str], list[str]]:
+    """Every valid run record under ``RUNS_DIR/records``, the runs directory of each (by key), and one
+    line per file skipped."""
+    records, where, skipped = [], {}, []
     for d in runs_dirs:
-        folder = Path(d) / "records"
-        if not folder.is_dir():
+        store = RunStore(d)
+        if not store.dir.is_dir():
             skipped.append(f"{d}: no records folder")
             continue
-        for path in sorted(folder.glob("*.json")):
-            try:
-                data = json.loads(path.read_text())
-            except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-                skipped.append(f"{path}: unreadable ({type(e).__name__})")
-                continue
-            why = validate_record(data, path)
-            if why:
+        for path, record, why in store.scan():
+            if record is None:
                 skipped.append(f"{path}: {why}")
                 continue
-            data["_dir"] = str(d)
-            records.append(data)
-    return records, skipped
+            records.append(record)
+            where[record.key] = str(d)
+    return records, where, skipped
 
 
-def sweep_id(record: dict) -> str:
-    return run_key({k: v for k, v in record["spec"].items() if k not in ("depth", "seed")})[:12]
+def sweep_id(record: RunRecord) -> str:
+    """Everything that determined a run but its depth and seed: the runs of one table row."""
+    return digest({k: v for k, v in record.spec.items() if k not in ("depth", "seed")})[:12]
 
 
 def _diff(values: dict, defaults: dict) -> dict:
@@ -124,67 +97,70 @@ def table_identity(task_name: str, task_cfg: dict, train: dict) -> tuple[str, st
     if near:
         name += f"__{near}"
     if not preset_name:
-        name += "__train-" + run_key(train)[:6]
+        name += "__train-" + digest(train)[:6]
     return name, preset_name, diff
 
 
-def build_rows(records: list[dict], studies: dict[str, list] | None = None, all_versions: bool = False,
-               skipped: list[str] | None = None) -> dict[str, dict]:
+def build_rows(records: list[RunRecord], studies: dict[str, list] | None = None, all_versions: bool = False,
+               skipped: list[str] | None = None, notes: list[str] | None = None,
+               where: dict[str, str] | None = None) -> dict[str, dict]:
     """Tables (name -> {meta, rows}) from records; ``studies`` maps a study name to its trials.
 
-    A sweep trained by another version of its block's or task's code (their source hashes are in the
-    spec) is left out, with a line in ``skipped``, unless ``all_versions``: a table compares the code
-    as it is.
+    A sweep trained at another ``version`` of its block or task, or of archbench's numerics, is left
+    out with a line in ``skipped`` unless ``all_versions``: a table compares the code as it is. A row
+    whose records were made by other source than today's at the same versions stays, with a line in
+    ``notes``.
     """
     from archbench.registry import BLOCKS, TASKS
-    from archbench.sweep import make_task
 
-    by_sweep: dict[str, list[dict]] = {}
+    by_sweep: dict[str, list[RunRecord]] = {}
     for r in records:
         by_sweep.setdefault(sweep_id(r), []).append(r)
     tables: dict[str, dict] = {}
     task_objects: dict[str, Any] = {}
     for sid, runs in sorted(by_sweep.items()):
-        spec = runs[0]["spec"]
+        spec = runs[0].spec
         if spec["task"] not in TASKS or spec["block"] not in BLOCKS:
             kind = "task" if spec["task"] not in TASKS else "block"
             warnings.warn(f"skipping sweep {sid} ({len(runs)} records): {kind} {spec[kind]!r} is not registered "
                           f"here (pass its file with --plugins)")
             continue
-        stale = [f"{kind} {spec[kind]!r} (source {spec[f'{kind}_source']}, now {now})"
-                 for kind, registry in (("block", BLOCKS), ("task", TASKS))
-                 if (now := registry.get(spec[kind]).source_hash) != spec[f"{kind}_source"]]
-        if stale and not all_versions:
+        entries = {"block": BLOCKS.get(spec["block"]), "task": TASKS.get(spec["task"])}
+        other = [f"{kind} {e.name!r} version {spec[f'{kind}_version']} (now {e.version})"
+                 for kind, e in entries.items() if spec[f"{kind}_version"] != e.version]
+        if spec["numerics"] != NUMERICS_VERSION:
+            other.append(f"archbench numerics version {spec['numerics']} (now {NUMERICS_VERSION})")
+        if other and not all_versions:
             if skipped is not None:
-                skipped.append(f"sweep {sid} ({len(runs)} records): trained by other code of {' and '.join(stale)}; "
+                skipped.append(f"sweep {sid} ({len(runs)} records): trained at {' and '.join(other)}; "
                                f"--all-versions keeps it")
             continue
+        drift = sorted({kind for r in runs for kind, e in entries.items() if r.source.get(kind) != e.source_hash})
+        if drift and notes is not None:
+            notes.append(f"sweep {sid} ({spec['block']} on {spec['task']}): records made by other source of its "
+                         f"{' and '.join(drift)} than today's, at the same version")
         name, preset, task_diff = table_identity(spec["task"], spec["task_cfg"], spec["train"])
-        tkey = run_key(spec["task_cfg"])
+        tkey = digest(spec["task_cfg"])
         if tkey not in task_objects:
             import torch
 
-            task_objects[tkey] = make_task(TASKS.get(spec["task"]), spec["task_cfg"], torch.device("cpu"))
-        task = task_objects[tkey]
-        row = sweep_row(sid, runs, task, BLOCKS.get(spec["block"]),
-                        TASKS.get(spec["task"]).obj.solve_metric is not None, studies or {})
+            task_objects[tkey] = make_task(entries["task"], spec["task_cfg"], torch.device("cpu"))
+        row = sweep_row(sid, runs, task_objects[tkey], entries["block"], entries["task"].obj.solve_metric is not None,
+                        studies or {}, where or {})
         table = tables.setdefault(name, {"task": spec["task"], "task_cfg": spec["task_cfg"], "task_diff": task_diff,
                                          "preset": preset, "train": spec["train"], "rows": {}})
         table["rows"][sid] = row
     return tables
 
 
-def sweep_row(sid, runs, task, block, solvable: bool, studies: dict) -> dict:
+def sweep_row(sid, runs: list[RunRecord], task, block, solvable: bool, studies: dict, where: dict) -> dict:
     """One table row: a sweep's records, re-evaluated by the sweep evaluators ``eval`` uses."""
-    import dataclasses
-
     from archbench.registry import EVALUATORS
-    from archbench.sweep import ModelConfig
 
-    spec = runs[0]["spec"]
-    runs = [{**r, "vary": {}} for r in sorted(runs, key=lambda r: (r["effective_depth"], r["seed"]))]
-    ok = [r for r in runs if r["status"] == "ok"]
-    deepest = [r for r in ok if r["effective_depth"] == max(x["effective_depth"] for x in ok)] if ok else []
+    spec = runs[0].spec
+    runs = sorted(runs, key=lambda r: (r.effective_depth, r.seed))
+    ok = [r for r in runs if r.ok]
+    deepest = [r for r in ok if r.effective_depth == max(x.effective_depth for x in ok)] if ok else []
     alpha = EVALUATORS.get("alpha-ell").obj().evaluate_sweep(runs, task)
     regime = EVALUATORS.get("regime").obj().evaluate_sweep(runs, task)
     ev = regime["evidence"]
@@ -195,19 +171,19 @@ def sweep_row(sid, runs, task, block, solvable: bool, studies: dict) -> dict:
     if "width" in config:
         config["width"] = config.pop("width")
     row = {"id": sid, "block": spec["block"], "config": config,
-           "params": max((r["params"] for r in runs), default=None),
-           "depths": sorted({r["effective_depth"] for r in runs}), "seeds": len({r["seed"] for r in runs}),
+           "params": max((r.params for r in runs), default=None),
+           "depths": sorted({r.effective_depth for r in runs}), "seeds": len({r.seed for r in runs}),
            "alpha": alpha.get("value"), "alpha_ci95": alpha.get("ci95"),
-           "loss": _mean([r["final_loss"] for r in deepest]),
+           "loss": _mean([r.final_loss for r in deepest]),
            "depth_to_solve": None, "phi_mid": ev.get("phi_mid"), "later_effect": ev.get("later_effect"),
            "depth_score": ev.get("depth_score_relative"),
            "regime": regime["regime"] if has_evidence else None,
            "failed_runs": len(runs) - len(ok),
-           "train_s": round(sum(r["wall_s"] for r in runs), 1),
-           "device": sorted({_device(r["env"]) for r in runs}),
-           "version": sorted({f"{r['spec']['archbench']}@{_short(r['env'].get('git_commit'))}" for r in runs}),
-           "source": _source(spec, studies), "records": [r["key"] for r in runs],
-           "runs_dirs": sorted({r["_dir"] for r in runs if "_dir" in r}),
+           "train_s": round(sum(r.wall_s for r in runs), 1),
+           "device": sorted({_device(r.env) for r in runs}),
+           "version": sorted({f"{r.source.get('archbench')}@{_short(r.env.get('git_commit'))}" for r in runs}),
+           "source": _source(spec, studies), "records": [r.key for r in runs],
+           "runs_dirs": sorted({where[r.key] for r in runs if r.key in where}),
            "built": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
     if solvable:
         d2s = EVALUATORS.get("depth-to-solve").obj().evaluate_sweep(runs, task)["difficulties"]
@@ -232,14 +208,14 @@ def _source(spec: dict, studies: dict) -> str:
     hits = []
     for name, trials in studies.items():
         for t in trials:
-            ev = t.user_attrs.get("eval") or {}
+            ev = t.get("eval") or {}
             if ev.get("block") != spec["block"]:
                 continue
             knobs = ev.get("sets", {}).get("block", {})
             width = ev.get("sets", {}).get("model", {}).get("width")
             if all(spec["block_cfg"].get(k) == v for k, v in knobs.items()) and \
                     (width is None or spec["model"].get("width") == width):
-                hits.append(f"search {name} #{t.number}")
+                hits.append(f"search {name} #{t['number']}")
     return ", ".join(hits[:3]) + (f" (+{len(hits) - 3})" if len(hits) > 3 else "")
 
 
@@ -349,12 +325,15 @@ def to_markdown(doc: dict, solvable: bool) -> str:
 
 
 def build(runs_dirs: list[str], out: str, studies: list[str], storage: str | None, task: str | None,
-          command: str | None = None, all_versions: bool = False) -> tuple[list[Path], list[str], int]:
-    """Build the tables; returns (files written, files skipped with the reason, records used)."""
-    records, skipped = load_records(runs_dirs)
+          command: str | None = None, all_versions: bool = False,
+          trials: dict[str, list[dict]] | None = None) -> tuple[list[Path], list[str], list[str], int]:
+    """Build the tables; returns (files written, files and sweeps skipped with the reason, notes on rows
+    made by other source than today's, records used). ``studies`` are read from ``storage``; ``trials``
+    gives more, already read (study name -> [{"number", "eval"}], as ``leaderboards/studies`` keeps them)."""
+    records, where, skipped = load_records(runs_dirs)
     if task:
-        records = [r for r in records if r["task"] == task]
-    trials = {}
+        records = [r for r in records if r.task == task]
+    trials = dict(trials or {})
     if studies:
         import optuna
 
@@ -364,12 +343,14 @@ def build(runs_dirs: list[str], out: str, studies: list[str], storage: str | Non
         st = open_storage(url, heartbeat=False)
         for name in studies:
             try:
-                trials[name] = optuna.load_study(study_name=name, storage=st).get_trials(
+                done = optuna.load_study(study_name=name, storage=st).get_trials(
                     deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+                trials[name] = [{"number": t.number, "eval": t.user_attrs.get("eval", {})} for t in done]
             except KeyError:
                 from archbench.errors import unknown
 
                 raise unknown(f"study in {url}", name, optuna.get_all_study_names(st)) from None
-    tables = build_rows(records, trials, all_versions, skipped)
+    notes: list[str] = []
+    tables = build_rows(records, trials, all_versions, skipped, notes, where)
     files = write_tables(tables, Path(out), command or "archbench " + " ".join(sys.argv[1:]))
-    return files, skipped, len(records)
+    return files, skipped, notes, len(records)

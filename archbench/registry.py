@@ -32,6 +32,9 @@ class Entry:
     description: str
     family: str = ""
     citation: str = ""
+    # raised whenever the entry's numbers change (its runs are keyed on it, so they train again);
+    # a refactor or a comment keeps it, and keeps every cached run
+    version: int = 1
     extra: dict = dataclasses.field(default_factory=dict)  # kind-specific metadata (e.g. identity_init)
 
     @property
@@ -40,8 +43,8 @@ class Entry:
 
     @property
     def source_hash(self) -> str:
-        """Hash of the source file that defines the entry: editing it (the entry or a helper beside
-        it, such as the teacher of a task) invalidates the entry's cached runs."""
+        """Hash of the source file that defines the entry: provenance in each run record (never part
+        of a run's key), so a table can say when its rows were made by other source than today's."""
         try:
             src = inspect.getsource(inspect.getmodule(self.obj))
         except (OSError, TypeError):
@@ -58,8 +61,11 @@ class Registry:
         self._loaded = False
 
     def register(self, name: str | None = None, *, description: str | None = None, family: str = "",
-                 citation: str = "", **extra: Any) -> Callable:
-        """Decorator: ``@archbench.register_block("my-block")``."""
+                 citation: str = "", version: int | None = None, **extra: Any) -> Callable:
+        """Decorator: ``@archbench.register_block("my-block", version=2)``.
+
+        ``version`` (default: the object's ``version`` attribute, else 1) is part of every run's key:
+        raise it when a change alters the entry's numbers."""
 
         def deco(obj):
             key = name or obj.__name__
@@ -68,7 +74,10 @@ class Registry:
                 raise ArchbenchError(f"{self.kind} {key!r} is already registered by {_qualname(old.obj)}; "
                                      f"choose another name for {_qualname(obj)}")
             doc = description or _first_sentence(inspect.getdoc(obj) or "")
-            self._entries[key] = Entry(key, obj, doc, family, citation, extra)
+            v = version if version is not None else getattr(obj, "version", 1)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise ArchbenchError(f"{self.kind} {key!r}: version must be a positive integer, not {v!r}")
+            self._entries[key] = Entry(key, obj, doc, family, citation, v, extra)
             obj.registry_name = key
             return obj
 

@@ -118,8 +118,8 @@ def objective_value(name: str, result: dict) -> float | None:
 def intermediate_value(name: str, runs: list[dict], task) -> float | None:
     """The objective on the depths finished so far, for the pruner (loss and alpha only)."""
     if name == "loss":
-        return objective_value("loss", {"metrics": {}, "runs": runs})
-    if name == "alpha" and len({r["depth"] for r in runs if r["status"] == "ok"}) >= 2:
+        return objective_value("loss", {"metrics": {}, "runs": [r.summary() for r in runs]})
+    if name == "alpha" and len({r.depth for r in runs if r.ok}) >= 2:
         from archbench.evaluators.alpha_ell import AlphaEll
 
         return AlphaEll(n_boot=0).evaluate_sweep(runs, task).get("value")
@@ -226,7 +226,7 @@ def build_space(task: str, preset: str, sets: dict, path: str | None) -> Space:
         if not dot:
             raise UsageError(f"space entry {key!r}: expected BLOCK.KNOB, train.KNOB or model.KNOB")
         if owner in ("train", "model"):
-            from archbench.sweep import ModelConfig
+            from archbench.config import ModelConfig
             from archbench.train import TrainConfig
 
             target = {"train": TrainConfig, "model": ModelConfig}[owner]
@@ -282,7 +282,7 @@ def measure(block: str, config: dict, depth: int, task, width: int, budget: str)
 
     entry = BLOCKS.get(block)
     with torch.device("cpu"):
-        model = build_model(entry.obj, config["block"], depth, task.input, width, config["model"]["zero_head"],
+        model = build_model(entry.obj, config.block, depth, task.input, width, config.model["zero_head"],
                             entry.name)
     if budget == "params":
         return sum(p.numel() for p in model.parameters())
@@ -301,10 +301,10 @@ def width_step(block_cfg: dict) -> int:
 
 def fit_width(block: str, config: dict, depth: int, task, budget: str, limit: int, ceiling: int) -> tuple[int, int]:
     """The largest width (a multiple of ``width_step``) whose measure at ``depth`` is at most ``limit``."""
-    step, best = width_step(config["block"]), None
+    step, best = width_step(config.block), None
     errors = []
     for width in range(step, ceiling + 1, step):
-        c = {**config, "model": {**config["model"], "width": width}}
+        c = config.with_model(width=width)
         try:
             m = measure(block, c, depth, task, width, budget)
         except ArchbenchError as e:  # this width is not allowed by the block (e.g. heads must divide it)
@@ -469,7 +469,8 @@ class TrialRunner:
     """The objective function: one trial = sample, fit the budget, run the eval sweep, score it."""
 
     def __init__(self, spec: SearchSpec, space: Space, console=None):
-        from archbench.sweep import EvalSpec, make_task, resolve_config
+        from archbench.config import EvalSpec, resolve_config
+        from archbench.sweep import make_task
 
         self.spec, self.space, self.console = spec, space, console
         evaluators = sorted({e for o in spec.objectives for e in OBJECTIVES[o].evaluators})
@@ -486,13 +487,14 @@ class TrialRunner:
         if spec.budget != "none":
             import torch
 
-            self.ref_width, self.max_depth = ref["model"]["width"], max(ref["depths"])
-            self.task = make_task(TASKS.get(spec.task), ref["task"], torch.device("cpu"))
+            self.ref_width, self.max_depth = ref.model["width"], max(ref.depths)
+            self.task = make_task(TASKS.get(spec.task), ref.task, torch.device("cpu"))
             self.limit = measure(spec.baseline or "residual", ref, self.max_depth, self.task, self.ref_width,
                                  spec.budget)
 
     def __call__(self, trial: optuna.Trial) -> list[float]:
-        from archbench.sweep import resolve_config, run_eval
+        from archbench.config import resolve_config
+        from archbench.sweep import run_eval
 
         spec = self.spec
         self._log(f"trial {trial.number} started by pid {os.getpid()} on {socket.gethostname()}")
@@ -503,7 +505,7 @@ class TrialRunner:
             for section, values in sampled.items():  # sampled knobs over --set ones
                 sets.setdefault(section, {}).update(values)
             config = resolve_config(self._eval_spec(block, sets))
-            if config["grid"]:
+            if config.grid:
                 raise UsageError("a search trial is one depth sweep: --set values with commas (grids) are not "
                                  "supported in search")
             if self.limit is not None:
@@ -514,7 +516,7 @@ class TrialRunner:
                                                "depth": self.max_depth})
             trial.set_user_attr("eval", {"block": block, "sets": sets})
             result = run_eval(self._eval_spec(block, sets), console=self.console,
-                              on_run=lambda runs, task: self._report(trial, runs, task, config["seeds"]))
+                              on_run=lambda runs, task: self._report(trial, runs, task, config.seeds))
         except optuna.TrialPruned:
             raise
         except KeyboardInterrupt:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
-import os
 import time
 from pathlib import Path
 from typing import Annotated, Callable, Literal
@@ -21,6 +20,7 @@ from timm.optim import create_optimizer_v2
 from timm.scheduler import CosineLRScheduler, PolyLRScheduler
 
 from archbench.knobs import Range
+from archbench.records import atomic_write
 from archbench.task import Task
 
 
@@ -142,6 +142,4 @@ def _save_checkpoint(path: Path, model, opt, sched, gen, step, history, train_s)
     state = {"model": model.state_dict(), "optimizer": opt.state_dict(),
              "scheduler": sched.state_dict() if sched is not None else {},
              "generator": gen.get_state(), "step": step, "history": history, "train_s": train_s}
-    tmp = path.with_suffix(".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    atomic_write(path, lambda f: torch.save(state, f))

@@ -104,9 +104,9 @@ class AlphaEll(Evaluator):
         return "fit" if self.floor == "fit" else float(self.floor)
 
     def evaluate_sweep(self, runs, task):
-        ok = [r for r in runs if r["status"] == "ok"]
-        depths = [r["depth"] for r in ok]
-        losses = [r["final_loss"] for r in ok]
+        ok = [r for r in runs if r.ok]
+        depths = [r.depth for r in ok]
+        losses = [r.final_loss for r in ok]
         floor = self._floor(task, len(set(depths)))
         out = {"value": None, "ci95": None, "n_runs": len(ok), "n_depths": len(set(depths)),
                "floor_mode": "none" if floor is None else str(floor)}
@@ -128,12 +128,12 @@ class AlphaEll(Evaluator):
         return out
 
     def plot(self, result, runs, path: Path) -> bool:
-        ok = [r for r in runs if r["status"] == "ok"]
+        ok = [r for r in runs if r.ok]
         if not ok:
             return False
         with figure(path, "effective depth ℓ", "test loss") as ax:
-            d = np.array([r["depth"] for r in ok], float)
-            loss = np.array([r["final_loss"] for r in ok], float)
+            d = np.array([r.depth for r in ok], float)
+            loss = np.array([r.final_loss for r in ok], float)
             ax.loglog(d, loss, "o", alpha=0.5, label="runs")
             uniq = np.unique(d)
             ax.loglog(uniq, [loss[d == u].mean() for u in uniq], "s", color="C0", label="mean over seeds")

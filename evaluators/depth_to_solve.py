@@ -42,17 +42,17 @@ class DepthToSolve(Evaluator):
     def evaluate_sweep(self, runs, task):
         groups: list[tuple[dict, list]] = []
         for r in runs:
-            if not groups or groups[-1][0] != r["vary"]:
-                groups.append((r["vary"], []))
+            if not groups or groups[-1][0] != r.vary:
+                groups.append((r.vary, []))
             groups[-1][1].append(r)
         rows = []
         for vary, rs in groups:
             per_depth = []
-            for d in sorted({r["effective_depth"] for r in rs}):
-                at = [r for r in rs if r["effective_depth"] == d]
-                frac = float(np.mean([bool(r.get("solved")) for r in at]))
+            for d in sorted({r.effective_depth for r in rs}):
+                at = [r for r in rs if r.effective_depth == d]
+                frac = float(np.mean([bool(r.solved) for r in at]))
                 per_depth.append({"depth": d, "solved_fraction": frac,
-                                  "loss": float(np.mean([r["final_loss"] for r in at]))})
+                                  "loss": float(np.mean([r.final_loss for r in at]))})
             solved = [p["depth"] for p in per_depth if p["solved_fraction"] >= self.min_fraction]
             first = min(solved) if solved else None
             rows.append({"vary": vary, "label": variant_label(vary) or "as configured", "depth_to_solve": first,

@@ -26,6 +26,7 @@ from archbench.evaluators.layer_similarity import heat
 from archbench.knobs import Range
 from archbench.measure import flat_states, token_batches, tolist
 from archbench.model import trace
+from archbench.records import RunRecord
 
 
 @archbench.register_evaluator("layer-correspondence", family="similarity",
@@ -43,11 +44,11 @@ class LayerCorrespondence(Evaluator):
                  pairs: Literal["deepest", "all"] = "deepest"):
         self.max_tokens, self.batch_tokens, self.ridge, self.pairs = max_tokens, batch_tokens, ridge, pairs
 
-    def evaluate_sweep(self, runs: list[dict], task, models=None) -> dict:
-        ok = [r for r in runs if r["status"] == "ok"]
+    def evaluate_sweep(self, runs: list[RunRecord], task, models=None) -> dict:
+        ok = [r for r in runs if r.ok]
         out = {"pairs": []}
-        for seed in sorted({r["seed"] for r in ok}):
-            by_depth = sorted((r for r in ok if r["seed"] == seed), key=lambda r: r["effective_depth"])
+        for seed in sorted({r.seed for r in ok}):
+            by_depth = sorted((r for r in ok if r.seed == seed), key=lambda r: r.effective_depth)
             if len(by_depth) < 2:
                 continue
             deep = by_depth[-1]
@@ -91,7 +92,7 @@ class LayerCorrespondence(Evaluator):
         deviation = float(np.mean([abs(best[i] / b - i / a) for i in range(a + 1)]))
         return {"relative_error": tolist(err), "best_target": best.tolist(), "relative_depth_deviation": deviation}
 
-    def plot(self, result: dict, runs: list[dict], path: Path) -> bool:
+    def plot(self, result: dict, runs: list[RunRecord], path: Path) -> bool:
         if not result.get("pairs"):
             return False
         p = min(result["pairs"], key=lambda p: (p["shallow"], p["seed"]))

@@ -39,6 +39,7 @@ from archbench.knobs import Range
 from archbench.measure import (CKA, Sums, angle, cosine, flat_states, halves, probs_stats, rel_norm, token_batches,
                                tolist)
 from archbench.model import run, trace
+from archbench.records import RunRecord
 
 CITATION = ("Liu et al. 2026 (arXiv 2602.05970); Csordás et al. 2025 (arXiv 2505.13898); "
             "Gromov et al. 2024 (arXiv 2403.17887); Men et al. 2024 (ShortGPT); Kornblith et al. 2019 (CKA)")
@@ -190,7 +191,7 @@ class LayerSimilarity(Evaluator):
             sums.add("last_block_loss", torch.stack(losses))
         return final.shape[0]
 
-    def plot(self, result: dict, runs: list[dict], path: Path) -> bool:
+    def plot(self, result: dict, runs: list[RunRecord], path: Path) -> bool:
         res = deepest(result, runs)
         if res is None:
             return False
@@ -201,23 +202,23 @@ class LayerSimilarity(Evaluator):
             if "phi" in pl:
                 ax[0, 0].plot(layers[:-1] + 0.5, pl["phi"], "s-", label="φ_l neighbouring updates")
             ax[0, 0].axhline(np.pi / 2, color="grey", lw=0.8, ls=":")
-            _style(ax[0, 0], "layer", "radians", "update angles")
+            style_axes(ax[0, 0], "layer", "radians", "update angles")
             for key, label in (("rel_contribution", "layer ‖c‖/‖h‖"), ("attn_rel", "attention"), ("mlp_rel", "MLP")):
                 if key in pl:
                     ax[0, 1].plot(layers, pl[key], "o-", label=label)
             ax[0, 1].set_yscale("log")
-            _style(ax[0, 1], "layer", "relative contribution", "contribution (Csordás)")
+            style_axes(ax[0, 1], "layer", "relative contribution", "contribution (Csordás)")
             for key, label in (("cos_contribution", "layer"), ("attn_cos", "attention"), ("mlp_cos", "MLP")):
                 if key in pl:
                     ax[0, 2].plot(layers, pl[key], "o-", label=label)
             ax[0, 2].axhline(0, color="grey", lw=0.8)
-            _style(ax[0, 2], "layer", "cos(contribution, residual)", "writes new (<0) or reinforces (>0)")
+            style_axes(ax[0, 2], "layer", "cos(contribution, residual)", "writes new (<0) or reinforces (>0)")
             if "lens_kl" in ps:
                 states = np.arange(res["depth"] + 1)
                 ax[1, 0].plot(states, ps["lens_kl"], "o-", label="KL(p_l ‖ p_L)")
                 ax[1, 0].plot(states, ps["lens_top5"], "s-", label="top-5 overlap")
                 ax[1, 0].set_yscale("symlog", linthresh=1e-2)
-            _style(ax[1, 0], "state l", "", "logit lens")
+            style_axes(ax[1, 0], "state l", "", "logit lens")
             heat(ax[1, 1], res["angular_distance"], "angular distance /π", fig)
             heat(ax[1, 2], res["cka"], f"linear CKA ({res['cka_method']})", fig)
         return True
@@ -232,16 +233,16 @@ def sublayer(sublayers: list[dict], name: str, tokens: int) -> torch.Tensor | No
     return torch.stack([t.reshape(tokens, -1) for t in outs]).float()
 
 
-def deepest(result: dict, runs: list[dict]) -> dict | None:
+def deepest(result: dict, runs: list[RunRecord]) -> dict | None:
     """The result to draw: a single model's, or the deepest run's in an eval sweep."""
     if "per_run" not in result:
         return result
-    done = [(r["effective_depth"], r["seed"], result["per_run"][r["key"]]) for r in runs
-            if result["per_run"].get(r["key"])]
+    done = [(r.effective_depth, r.seed, result["per_run"][r.key]) for r in runs
+            if result["per_run"].get(r.key)]
     return max(done, key=lambda t: (t[0], -t[1]))[2] if done else None
 
 
-def _style(ax, xlabel, ylabel, title):
+def style_axes(ax, xlabel, ylabel, title):
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.set_title(title, fontsize=10)

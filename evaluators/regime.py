@@ -29,6 +29,7 @@ import archbench
 from archbench.evaluator import Evaluator, panels
 from archbench.evaluators.alpha_ell import AlphaEll
 from archbench.knobs import Range
+from archbench.records import RunRecord
 
 
 @archbench.register_evaluator("regime", family="scaling",
@@ -48,13 +49,13 @@ class Regime(Evaluator):
         self.alpha_band, self.alpha_steep = alpha_band, alpha_steep
         self.phi_smooth, self.phi_uncorrelated, self.later_break = phi_smooth, phi_uncorrelated, later_break
 
-    def evaluate_sweep(self, runs: list[dict], task) -> dict:
+    def evaluate_sweep(self, runs: list[RunRecord], task) -> dict:
         alpha = AlphaEll(n_boot=500).evaluate_sweep(runs, task)
-        ok = [r for r in runs if r["status"] == "ok" and "layer-similarity" in r["metrics"]
-              and "skip-sensitivity" in r["metrics"]]
+        ok = [r for r in runs if r.ok and "layer-similarity" in r.metrics
+              and "skip-sensitivity" in r.metrics]
         per_depth = {}
-        for d in sorted({r["effective_depth"] for r in ok}):
-            rs = [r for r in ok if r["effective_depth"] == d]
+        for d in sorted({r.effective_depth for r in ok}):
+            rs = [r for r in ok if r.effective_depth == d]
             per_depth[d] = {k: _mean([evidence(r)[k] for r in rs]) for k in evidence(rs[0])}
         ev = {"alpha": alpha.get("value"), "alpha_ci95": alpha.get("ci95")}
         if per_depth:
@@ -91,13 +92,13 @@ class Regime(Evaluator):
         return "undetermined", reasons
 
 
-    def plot(self, result: dict, runs: list[dict], path) -> bool:
+    def plot(self, result: dict, runs: list[RunRecord], path) -> bool:
         by_depth = result.get("evidence_by_depth") or {}
         if not by_depth:
             return False
         with panels(path, 1, 3, (13, 4), f"regime: {result['regime']}") as (fig, ax):
-            ok = [r for r in runs if r["status"] == "ok"]
-            ax[0].loglog([r["effective_depth"] for r in ok], [r["final_loss"] for r in ok], "o")
+            ok = [r for r in runs if r.ok]
+            ax[0].loglog([r.effective_depth for r in ok], [r.final_loss for r in ok], "o")
             a = result["evidence"].get("alpha")
             ax[0].set_title(f"test loss, α_ℓ = {a:.2f}" if a is not None else "test loss", fontsize=10)
             depths = [int(d) for d in by_depth]
@@ -115,9 +116,9 @@ class Regime(Evaluator):
         return True
 
 
-def evidence(run: dict) -> dict:
+def evidence(run: RunRecord) -> dict:
     """The update and skip statistics of one run that the rule reads."""
-    sim, skip = run["metrics"]["layer-similarity"], run["metrics"]["skip-sensitivity"]
+    sim, skip = run.metrics["layer-similarity"], run.metrics["skip-sensitivity"]
     phi = sim["per_layer"].get("phi", [])
     theta = np.asarray(sim["per_layer"]["theta"], float)
     mid_phi = phi[1:-1] if len(phi) >= 3 else phi

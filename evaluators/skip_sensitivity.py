@@ -27,11 +27,12 @@ import torch
 
 import archbench
 from archbench.evaluator import Evaluator, panels
-from archbench.evaluators.layer_similarity import _style, deepest, heat, sublayer
+from archbench.evaluators.layer_similarity import deepest, heat, style_axes, sublayer
 from archbench.knobs import Range
 from archbench.measure import Sums, halves, probs_stats, rel_norm, token_batches, tolist
 from archbench.model import run, trace
 from archbench.task import IGNORE  # targets before t are not scored in the future variant
+from archbench.records import RunRecord
 
 OUTPUT = ("output_l2", "output_kl", "top1_flip", "loss_increase")
 
@@ -145,7 +146,7 @@ class SkipSensitivity(Evaluator):
         increase = (task.loss(logits, target) - task.loss(clean.logits, target)).float()
         sums.add(f"{variant}/{s}/loss_increase", increase.reshape(1).expand(n))
 
-    def plot(self, result: dict, runs: list[dict], path: Path) -> bool:
+    def plot(self, result: dict, runs: list[RunRecord], path: Path) -> bool:
         res = deepest(result, runs)
         if res is None:
             return False
@@ -156,9 +157,9 @@ class SkipSensitivity(Evaluator):
             for variant, r in res["variants"].items():
                 ax[1].plot(layers, r["output_l2"], "o-", label=variant)
             ax[1].set_yscale("log")
-            _style(ax[1], "skipped layer s", "‖p − p̃‖₂ (token mean)", "effect on the output")
+            style_axes(ax[1], "skipped layer s", "‖p − p̃‖₂ (token mean)", "effect on the output")
             ax[2].plot(layers[:-1], res["effect_on_later"], "o-", label="mean effect on later layers")
             if res["depth_score"] is not None:
                 ax[2].axvline(res["depth_score"], color="k", ls=":", label=f"depth score {res['depth_score']:.2f}")
-            _style(ax[2], "skipped layer s", "mean ‖Δc_j‖/‖c_j‖", "effect on later layers")
+            style_axes(ax[2], "skipped layer s", "mean ‖Δc_j‖/‖c_j‖", "effect on later layers")
         return True

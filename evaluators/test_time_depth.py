@@ -42,7 +42,7 @@ class TestTimeDepth(Evaluator):
         return {"trained_recurrence": trained, "by_recurrence": by_r}
 
     def plot(self, result, runs, path: Path) -> bool:
-        curves = [(r, result["per_run"].get(r["key"]) or {}) for r in runs]
+        curves = [(r, result["per_run"].get(r.key) or {}) for r in runs]
         curves = [(r, c) for r, c in curves if "by_recurrence" in c]
         if not curves:
             return False
@@ -51,6 +51,6 @@ class TestTimeDepth(Evaluator):
                 rs = [int(k) for k in c["by_recurrence"]]
                 losses = [v["loss"] for v in c["by_recurrence"].values()]
                 ax.loglog(rs, losses, "o-", color=f"C{i}", label=f"trained at r = {c['trained_recurrence']:g} "
-                                                                 f"(depth {run['depth']}, seed {run['seed']})")
+                                                                 f"(depth {run.depth}, seed {run.seed})")
                 ax.axvline(c["trained_recurrence"], color=f"C{i}", ls=":", alpha=0.6)
         return True

@@ -1,7 +1,7 @@
 """Rebuild the published leaderboards in this folder: one command, resumable.
 
     python leaderboards/publish.py [--runs-dir runs/publish] [--device auto] [--workers K]
-                                   [--only sweeps|search|promote|tables]
+                                   [--only sweeps|search|promote|collect|tables]
 
 1. every built-in block at the ``quick`` preset on teacher-student (independent and tied teacher) and on
    cfg-language (compositional: nested brackets), each with alpha-ell and the regime evidence
@@ -12,7 +12,11 @@
    to make 30 trials affordable on a CPU;
 3. the search's Pareto front, its baseline and its 5 steepest other trials (by α_ℓ) re-run at the full
    ``quick`` preset, so that they sit in the same tables;
-4. ``archbench leaderboard`` over all those records, rows labelled with their search trials.
+4. collect: the run records of the published tasks (JSON, no weights) copied to ``leaderboards/records/``,
+   and the search's finished trials to ``leaderboards/studies/``, both committed beside the tables;
+5. tables: ``archbench leaderboard`` over the committed records alone, rows labelled with their search
+   trials. ``--only tables`` rebuilds the committed tables from the repository, byte for byte but the
+   build dates.
 
 Every finished run is a cached record under ``--runs-dir``: rerunning continues where it stopped.
 """
@@ -21,19 +25,25 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
+import os
+import shutil
 import sys
 from pathlib import Path
 
 from rich.console import Console
 
+from archbench.config import EvalSpec, resolve_config
 from archbench.errors import UsageError
 from archbench.leaderboard import build
+from archbench.records import RunStore, write_json
 from archbench.registry import BLOCKS
 from archbench.search import SearchSpec, run_search
-from archbench.sweep import EvalSpec, resolve_config, run_eval
+from archbench.sweep import run_eval
 
 HERE = Path(__file__).resolve().parent
 STUDY = "publish-teacher-student"
+BUILT_BY = "python leaderboards/publish.py"  # one name for every build, so that a rebuild is byte-identical
 SWEEPS = {  # table -> (task, fixed settings, evaluators)
     "teacher-student (independent teacher)": ("teacher-student", {"task": {"teacher": "independent"}},
                                               ["alpha-ell", "regime"]),
@@ -84,6 +94,48 @@ def promoted(result: dict, study: str, storage: str, steepest: int = 5) -> list[
     return rows
 
 
+def collect(runs_dir: Path, here: Path, tasks: list[str], storage: str | None = None) -> int:
+    """Copy the run records of ``tasks`` (JSON, no weights) to ``here/records`` and the search's finished
+    trials to ``here/studies``, so that the tables can be rebuilt from the repository; returns how many
+    records were copied."""
+    copied = 0
+    (here / "records").mkdir(parents=True, exist_ok=True)
+    for path, record, _ in RunStore(runs_dir).scan():
+        if record is not None and record.task in tasks:
+            shutil.copyfile(path, here / "records" / path.name)
+            copied += 1
+    if storage:
+        import optuna
+
+        from archbench.search import open_storage
+
+        st = open_storage(storage, heartbeat=False)
+        if STUDY in optuna.get_all_study_names(st):
+            trials = optuna.load_study(study_name=STUDY, storage=st).get_trials(
+                deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+            write_json(here / "studies" / f"{STUDY}.json",
+                       [{"number": t.number, "eval": t.user_attrs.get("eval", {})} for t in trials])
+    return copied
+
+
+def tables(here: Path, tasks: list[str]) -> list[str]:
+    """Build every published table from the committed records under ``here/records``, rows labelled with
+    the committed studies; returns what to tell the user."""
+    studies = {p.stem: json.loads(p.read_text()) for p in sorted((here / "studies").glob("*.json"))}
+    lines = []
+    cwd = os.getcwd()
+    os.chdir(here.parent)  # records are named relative to the repository, the same on every machine
+    try:
+        for task in tasks:
+            files, skipped, notes, n = build([here.name], here.name, [], None, task, command=BUILT_BY,
+                                             trials=studies)
+            lines += [f"skipped {line}" for line in skipped] + [f"note: {line}" for line in notes]
+            lines.append(f"{task}: {n} run records -> {len(files) // 3} tables in {here}")
+    finally:
+        os.chdir(cwd)
+    return lines
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--runs-dir", default="runs/publish")
@@ -92,8 +144,9 @@ def main(argv=None) -> int:
     p.add_argument("--trials", type=int, default=30)
     p.add_argument("--search-steps", type=int, default=1000)
     p.add_argument("--blocks", default=None, help="comma-separated (default: every built-in block)")
-    p.add_argument("--only", choices=["sweeps", "search", "promote", "tables"], default=None,
-                   help="one step (default: all, in order)")
+    p.add_argument("--only", choices=["sweeps", "search", "promote", "collect", "tables"], default=None,
+                   help="one step (default: all, in order); tables rebuilds the committed tables from the "
+                        "committed records")
     args = p.parse_args(argv)
     err = Console(stderr=True, highlight=False)
     blocks = args.blocks.split(",") if args.blocks else [e.name for e in BLOCKS.entries()]
@@ -119,18 +172,11 @@ def main(argv=None) -> int:
             run_eval(EvalSpec(block=ev["block"], task="teacher-student", preset="quick", sets=sets,
                               evaluators=["alpha-ell", "regime"], device=args.device, runs_dir=args.runs_dir,
                               plots=False), console=err)
-    command = "python leaderboards/publish.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    import optuna
-
-    from archbench.search import open_storage
-
-    searched = STUDY in optuna.get_all_study_names(open_storage(spec.storage_url, heartbeat=False))
-    for task in sorted({task for task, _, _ in SWEEPS.values()}):
-        files, skipped, n = build([args.runs_dir], str(HERE), [STUDY] if searched else [], None, task,
-                                  command=command.strip())
-        for line in skipped:
-            err.print(f"skipped {line}")
-        err.print(f"{task}: {n} run records -> {len(files) // 3} tables in {HERE}")
+    if args.only in (None, "collect"):
+        collect(Path(args.runs_dir), HERE, [task for task, _, _ in SWEEPS.values()], spec.storage_url)
+    if args.only in (None, "tables"):
+        for line in tables(HERE, sorted({task for task, _, _ in SWEEPS.values()})):
+            err.print(line, markup=False, soft_wrap=True)
     return 0
 
 

@@ -14,7 +14,8 @@ import time
 import pytest
 import torch
 
-from archbench.sweep import EvalSpec, run_eval
+from archbench.config import EvalSpec
+from archbench.sweep import run_eval
 
 RTOL = 1e-5
 
@@ -72,15 +73,16 @@ def test_a_diverging_run_fails_alone(tmp_path):
     """A run whose loss turns NaN is recorded as failed at that step; its group goes on unchanged."""
     from archbench.batched import Job, train_batched
     from archbench.registry import BLOCKS, TASKS
-    from archbench.sweep import _new_model, make_task, resolve_config
+    from archbench.config import resolve_config
+    from archbench.sweep import make_task, new_model
     from archbench.train import TrainConfig, train
 
     c = resolve_config(EvalSpec(preset="smoke"))
-    task = make_task(TASKS.get("teacher-student"), c["task"], torch.device("cpu"))
-    cfg = TrainConfig(**{**c["train"], "steps": 30, "log_every": 5})
+    task = make_task(TASKS.get("teacher-student"), c.task, torch.device("cpu"))
+    cfg = TrainConfig(**{**c.train, "steps": 30, "log_every": 5})
 
     def jobs():
-        return [Job(_new_model(BLOCKS.get("residual-mlp"), c, 3, s, task), task, cfg, s, 3, "3") for s in range(3)]
+        return [Job(new_model(BLOCKS.get("residual-mlp"), c, 3, s, task), task, cfg, s, 3, "3") for s in range(3)]
 
     batch = jobs()
     with torch.no_grad():

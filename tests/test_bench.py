@@ -10,12 +10,13 @@ from archbench.nn import flop_counter
 
 def _residual_lm(width, seq_len):
     from archbench.registry import BLOCKS, TASKS
-    from archbench.sweep import EvalSpec, _new_model, make_task, resolve_config
+    from archbench.config import EvalSpec, resolve_config
+    from archbench.sweep import make_task, new_model
 
     c = resolve_config(EvalSpec(block="residual", task="lm-char", preset="quick",
                                 sets={"model": {"width": str(width)}, "task": {"seq_len": str(seq_len)}}))
-    task = make_task(TASKS.get("lm-char"), c["task"], torch.device("cpu"))
-    return task, lambda depth: _new_model(BLOCKS.get("residual"), c, depth, 0, task)
+    task = make_task(TASKS.get("lm-char"), c.task, torch.device("cpu"))
+    return task, lambda depth: new_model(BLOCKS.get("residual"), c, depth, 0, task)
 
 
 def training_step_flops(batch, seq_len, width, depth, vocab, mlp_ratio=4):

@@ -5,7 +5,8 @@ import json
 import pytest
 
 from archbench.registry import EVALUATORS, TASKS
-from archbench.sweep import EvalSpec, run_eval
+from archbench.config import EvalSpec
+from archbench.sweep import run_eval
 
 
 def run(vary, depth, solved, seed=0):

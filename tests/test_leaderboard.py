@@ -74,7 +74,8 @@ def test_bad_records_are_reported_and_nothing_published_is_lost(cli, swept, tmp_
     out = tmp_path / "lb"
     r = cli("leaderboard", "--runs-dir", runs, "--out", out)
     assert r.returncode == 0, r.stderr
-    for name, why in (("broken.json", "unreadable"), ("foreign.json", "no 'key'"), (victim.name, "'depth'")):
+    for name, why in (("broken.json", "unreadable"), ("foreign.json", "record_version None"),
+                      (victim.name, "'depth' has the wrong type")):
         assert any(name in line and why in line for line in r.stderr.splitlines()), r.stderr
     assert "Traceback" not in r.stderr
     (table,) = out.glob("*.json")
@@ -102,24 +103,68 @@ def test_bad_records_are_reported_and_nothing_published_is_lost(cli, swept, tmp_
     assert r.returncode == 1 and "no run records" in r.stderr
 
 
-def test_sweeps_of_older_block_code_are_left_out_unless_asked(cli, swept, tmp_path):
+def _rewrite(path, change):
+    """Change a record as other code would have made it, under the key its changed spec has."""
+    from archbench.records import digest
+
+    data = json.loads(path.read_text())
+    change(data)
+    data["key"] = digest(data["spec"])
+    path.unlink()
+    (path.parent / f"{data['key']}.json").write_text(json.dumps(data))
+    return data
+
+
+def test_rows_at_other_versions_are_left_out_and_other_source_is_noted(cli, swept, tmp_path):
     root, _ = swept
     runs = tmp_path / "runs"
     shutil.copytree(root / "runs", runs)
-    for path in (runs / "records").glob("*.json"):
-        data = json.loads(path.read_text())
-        if data["block"] == "rezero":  # as if trained before an edit of blocks/residual.py
-            data["spec"]["block_source"] = "0123456789abcdef"
-            path.write_text(json.dumps(data))
+    for path in sorted((runs / "records").glob("*.json")):
+        block = json.loads(path.read_text())["spec"]["block"]
+        if block == "rezero":  # trained before a change of its numbers (rezero's version was raised since)
+            _rewrite(path, lambda d: d["spec"].update(block_version=0))
+        else:  # trained by a refactored residual-mlp: other source, same version
+            _rewrite(path, lambda d: d["source"].update(block="0123456789abcdef"))
     r = cli("leaderboard", "--runs-dir", runs, "--out", tmp_path / "now")
     assert r.returncode == 0, r.stderr
-    assert "trained by other code of block 'rezero' (source 0123456789abcdef" in r.stderr
+    assert "trained at block 'rezero' version 0 (now 1); --all-versions keeps it" in r.stderr
+    notes = [line for line in r.stderr.splitlines() if line.startswith("note:")]
+    assert len(notes) == 1 and "residual-mlp" in notes[0] and "other source of its block" in notes[0], r.stderr
     (table,) = (tmp_path / "now").glob("*.json")
     assert {row["block"] for row in json.loads(table.read_text())["rows"]} == {"residual-mlp"}
     r = cli("leaderboard", "--runs-dir", runs, "--out", tmp_path / "all", "--all-versions")
-    assert r.returncode == 0 and "other code" not in r.stderr
+    assert r.returncode == 0 and "version 0" not in r.stderr
     (table,) = (tmp_path / "all").glob("*.json")
     assert {row["block"] for row in json.loads(table.read_text())["rows"]} == {"residual-mlp", "rezero"}
+
+
+def _without_build_dates(folder):
+    """Every table file's text with its build dates blanked (the one thing a rebuild may change)."""
+    import re
+
+    stamp = re.compile(r'"built": "[^"]*"|on \d{4}-\d{2}-\d{2} from')
+    return {p.name: stamp.sub("BUILT", p.read_text()) for p in sorted(folder.iterdir()) if p.is_file()}
+
+
+def test_published_tables_rebuild_from_the_committed_records_byte_for_byte(swept, tmp_path):
+    """publish.py's collect + tables: the records beside a table rebuild it, whatever else is gone."""
+    root, _ = swept
+    publish = _publish_module()
+    here = tmp_path / "leaderboards"
+    assert publish.collect(root / "runs", here, ["teacher-student"]) == 6
+    assert not list((here / "records").glob("*.pt")), "records only, no weights"
+    (here / "studies").mkdir()
+    (here / "studies" / "s.json").write_text(json.dumps([{"number": 3, "eval": {"block": "rezero", "sets": {}}}]))
+    lines = publish.tables(here, ["teacher-student"])
+    assert any("6 run records -> 1 tables" in line for line in lines), lines
+    first = _without_build_dates(here)
+    assert len(first) == 3 and all(len(text) > 200 for text in first.values())
+    rows = json.loads(next(p for p in here.glob("*.json")).read_text())["rows"]
+    assert {row["source"] for row in rows} == {"", "search s #3"} and rows[0]["runs_dirs"] == ["leaderboards"]
+    for table in here.glob("teacher-student*"):  # the tables are gone; the records bring them back
+        table.unlink()
+    publish.tables(here, ["teacher-student"])
+    assert _without_build_dates(here) == first
 
 
 def _publish_module():
@@ -135,7 +180,7 @@ def _publish_module():
 
 def test_publish_scales_depths_a_block_cannot_have():
     """publish.py keeps the preset's depth ratios for blocks that have no depth 1 (and leaves others be)."""
-    from archbench.sweep import EvalSpec
+    from archbench.config import EvalSpec
 
     publish = _publish_module()
     cfg = dict(task="cfg-language", preset="quick", evaluators=["alpha-ell"])

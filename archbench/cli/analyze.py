@@ -41,9 +41,9 @@ def run(args) -> int:
     from archbench.errors import UsageError, unknown
     from archbench.hf import HFStreamModel, HFTextTask, load_hf_model
     from archbench.knobs import resolve
-    from archbench.records import run_key
+    from archbench.records import digest
     from archbench.registry import EVALUATORS
-    from archbench.sweep import parse_sets
+    from archbench.config import parse_sets
 
     err, out = Console(stderr=True, highlight=False), Console(highlight=False)
     if args.tokens < args.seq_len:
@@ -75,7 +75,7 @@ def run(args) -> int:
     config = {"model": described["source"] if "source" in described else args.hf_model, "text": task.describe(),
               "evaluators": knobs, "dtype": args.dtype}
     path = Path(args.out) if args.out else (Path("runs") / "analyze" /
-                                            f"{_slug(args.hf_model)}__{run_key(config)[:8]}.json")
+                                            f"{_slug(args.hf_model)}__{digest(config)[:8]}.json")
     path.parent.mkdir(parents=True, exist_ok=True)
     previous = _load_previous(path, config)
     result = {"model": described, "task": task.describe(), "config": config, "metrics": previous.get("metrics", {}),

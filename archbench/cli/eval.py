@@ -9,7 +9,7 @@ NAME = "eval"
 HELP = "train a block at several depths on a task, fit alpha_ell, write result JSON and plots"
 
 
-def _int_list(text: str, option: str = "--depths") -> list[int]:
+def int_list(text: str, option: str = "--depths") -> list[int]:
     try:
         return [int(x) for x in text.split(",") if x.strip()]
     except ValueError:
@@ -41,11 +41,12 @@ def add_arguments(p):
 def run(args) -> int:
     from rich.console import Console
 
-    from archbench.sweep import EvalSpec, parse_sets, run_eval
+    from archbench.config import EvalSpec, parse_sets
+    from archbench.sweep import run_eval
 
     spec = EvalSpec(block=args.block, task=args.task, preset=args.preset,
-                    depths=_int_list(args.depths) if args.depths else None, seeds=args.seeds,
-                    recurrence=_int_list(args.recurrence, "--recurrence") if args.recurrence else None,
+                    depths=int_list(args.depths) if args.depths else None, seeds=args.seeds,
+                    recurrence=int_list(args.recurrence, "--recurrence") if args.recurrence else None,
                     sets=parse_sets(args.sets),
                     evaluators=[e for e in args.evaluators.split(",") if e] if args.evaluators else None,
                     device=args.device, runs_dir=args.runs_dir, out=args.out, engine=args.engine)

@@ -15,7 +15,8 @@ def add_arguments(p):
     p.add_argument("--storage", default=None, help="the studies' storage (default: sqlite:///RUNS_DIR/studies.db)")
     p.add_argument("--task", default=None, help="only this task's tables")
     p.add_argument("--all-versions", action="store_true",
-                   help="keep sweeps trained by other versions of their block's or task's code (default: left out)")
+                   help="keep sweeps trained at other versions of their block, task or archbench's numerics "
+                        "(default: left out)")
 
 
 def run(args) -> int:
@@ -25,10 +26,12 @@ def run(args) -> int:
 
     err = Console(stderr=True, highlight=False)
     runs_dirs = args.runs_dirs or ["runs"]
-    files, skipped, n = build(runs_dirs, args.out, args.studies, args.storage, args.task,
-                               all_versions=args.all_versions)
+    files, skipped, notes, n = build(runs_dirs, args.out, args.studies, args.storage, args.task,
+                                      all_versions=args.all_versions)
     for line in skipped:
         err.print(f"skipped {line}", markup=False, soft_wrap=True)
+    for line in notes:
+        err.print(f"note: {line}", markup=False, soft_wrap=True)
     out = Console(highlight=False)
     if not files:
         err.print(f"no run records found in {', '.join(runs_dirs)}" + (f" for task {args.task}" if args.task else ""))

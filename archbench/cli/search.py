@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from archbench.cli.eval import _int_list
+from archbench.cli.eval import int_list
 
 NAME = "search"
 HELP = "search block families and knobs (Optuna) for a steeper alpha_ell without paying in loss"
@@ -46,11 +46,11 @@ def run(args) -> int:
     from rich.console import Console
 
     from archbench.search import SearchSpec, parse_objectives, run_search
-    from archbench.sweep import parse_sets
+    from archbench.config import parse_sets
 
     spec = SearchSpec(task=args.task, trials=args.trials, study=args.study, storage=args.storage,
                       objectives=parse_objectives(args.objective), space=args.space, workers=args.workers,
-                      preset=args.preset, depths=_int_list(args.depths) if args.depths else None,
+                      preset=args.preset, depths=int_list(args.depths) if args.depths else None,
                       seeds=args.seeds, sets=parse_sets(args.sets), budget=args.budget,
                       baseline=None if args.baseline == "none" else args.baseline, pruner=args.pruner,
                       seed=args.seed, device=args.device, runs_dir=args.runs_dir, plugins=list(args.plugins))

@@ -1,0 +1,164 @@
+"""The configuration of a sweep: what the user asked for (``EvalSpec``), how ``--set`` reads, and what it
+resolves to (``Config``: every knob's value, by section).
+
+Precedence, lowest first: knob defaults < the task's preset < ``--set`` overrides < ``--depths``/``--seeds``.
+Sections: ``block``, ``task``, ``model`` (``ModelConfig``), ``train`` (``archbench.train.TrainConfig``) and
+``evaluators`` (one sub-section per evaluator, set as ``--set alpha-ell.floor=fit``). A value written
+``a,b,c`` sweeps a block/task/model/train knob: ``Config.grid`` holds the values and ``Config.points()``
+gives one fully resolved ``Config`` per combination (a *variant*).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import itertools
+from typing import Any
+
+from archbench.errors import UsageError, unknown
+from archbench.knobs import knobs_of, resolve
+from archbench.model import Stack
+from archbench.registry import BLOCKS, EVALUATORS, TASKS, Entry
+from archbench.train import TrainConfig
+
+SECTIONS = ("block", "task", "model", "train")  # the sections that determine a run's numbers
+ENGINES = ("auto", "batched", "plain")
+
+
+@dataclasses.dataclass
+class ModelConfig:
+    width: int = 32  # residual-stream dimension
+    zero_head: bool = True  # zero-initialised readout: every model starts at the uniform prediction
+
+
+@dataclasses.dataclass
+class EvalSpec:
+    """What ``archbench eval`` was asked: names, budget and overrides, before resolution."""
+
+    block: str = "residual-mlp"
+    task: str = "teacher-student"
+    preset: str = "quick"
+    depths: list[int] | None = None  # None: the preset's
+    recurrence: list[int] | None = None  # recurrent blocks: iteration counts, turned into effective depths
+    seeds: int | None = None
+    sets: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)  # section -> key -> raw value
+    evaluators: list[str] | None = None  # None: the task's default evaluators
+    device: str = "auto"
+    runs_dir: str = "runs"
+    out: str | None = None
+    plots: bool = True  # evaluators' figures beside the result JSON (a search turns them off)
+    # auto: train the sweep's runs together (archbench.batched) where that is exact, else one by one;
+    # batched: insist (an error says why not); plain: the reference loop, one run after another
+    engine: str = "auto"
+
+
+@dataclasses.dataclass
+class Config:
+    """A resolved sweep configuration: plain JSON-ready values, every knob filled in."""
+
+    preset: str
+    block: dict[str, Any]
+    task: dict[str, Any]
+    model: dict[str, Any]
+    train: dict[str, Any]
+    evaluators: dict[str, dict[str, Any]]  # name -> knobs, in run order (requirements first)
+    depths: list[int]
+    seeds: int
+    grid: dict[str, list] = dataclasses.field(default_factory=dict)  # "section.knob" -> values swept
+
+    def points(self) -> list[tuple[dict, Config]]:
+        """(vary, config) for every grid point; ``vary`` maps "section.knob" to its value there."""
+        out = []
+        for values in itertools.product(*self.grid.values()):
+            vary, c = dict(zip(self.grid, values)), copy.deepcopy(self)
+            c.grid = {}
+            for key, value in vary.items():
+                section, name = key.split(".", 1)
+                getattr(c, section)[name] = value
+            out.append((vary, c))
+        return out
+
+    def with_model(self, **changes) -> Config:
+        return dataclasses.replace(self, model={**self.model, **changes})
+
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def parse_sets(items: list[str]) -> dict[str, dict[str, str]]:
+    """``["task.teacher=tied", "train.lr=1e-3"]`` -> ``{"task": {"teacher": "tied"}, "train": {"lr": "1e-3"}}``."""
+    out: dict[str, dict[str, str]] = {}
+    for item in items:
+        key, eq, value = item.partition("=")
+        section, dot, name = key.partition(".")
+        if not eq or not dot or not section or not name:
+            raise UsageError(f"--set {item!r}: expected SECTION.KEY=VALUE, e.g. task.temperature=0.1")
+        out.setdefault(section, {})[name] = value
+    return out
+
+
+def resolve_config(spec: EvalSpec) -> Config:
+    """``spec`` resolved against the registries and the task's preset; every error raised here, before
+    anything trains."""
+    block, task = BLOCKS.get(spec.block), TASKS.get(spec.task)
+    names = with_requirements(spec.evaluators if spec.evaluators is not None else list(task.obj.default_evaluators))
+    evaluators = {name: EVALUATORS.get(name) for name in names}
+    for e in evaluators.values():
+        e.obj.check_task(task)
+    presets = task.obj.presets
+    if spec.preset not in presets:
+        raise unknown(f"preset for task {spec.task!r}", spec.preset, presets)
+    preset = copy.deepcopy(presets[spec.preset])
+    for section in spec.sets:
+        if section not in SECTIONS and section not in evaluators:
+            raise unknown("--set section", section, [*SECTIONS, *evaluators])
+    grid: dict[str, list] = {}
+
+    def section(name: str, target) -> dict:
+        suggested = preset.get(name, {})
+        if name == "block":  # a preset suggests block knobs (attention=false on vectors) to blocks that have them
+            suggested = {k: v for k, v in suggested.items() if k in knobs_of(target)}
+        return resolve(target, name, {**suggested, **spec.sets.get(name, {})}, grid if name in SECTIONS else None)
+
+    config = Config(
+        preset=spec.preset, block=section("block", block.obj), task=section("task", task.obj),
+        model=section("model", ModelConfig), train=section("train", TrainConfig),
+        evaluators={name: section(name, e.obj) for name, e in evaluators.items()},
+        depths=spec.depths if spec.depths is not None else preset.get("depths", [2, 4, 8]),
+        seeds=spec.seeds if spec.seeds is not None else preset.get("seeds", 1), grid=grid)
+    if spec.recurrence is not None:
+        config.depths = recurrence_depths(block, config.block, spec.recurrence)
+    if not config.depths or any(d < 1 for d in config.depths):
+        raise UsageError(f"--depths {','.join(map(str, config.depths))}: depths must be positive integers")
+    if config.seeds < 1:
+        raise UsageError(f"--seeds {config.seeds}: need at least one seed")
+    config.depths = sorted(set(config.depths))
+    if isinstance(block.obj, type) and issubclass(block.obj, Stack):  # a family that says which depths it can be built at
+        for _, c in config.points():
+            for d in config.depths:
+                block.obj.check_depth(d, c.block)
+    return config
+
+
+def with_requirements(names: list[str]) -> list[str]:
+    """``names`` plus the evaluators they read results from (``requires``), those first."""
+    out: list[str] = []
+    for name in names:
+        for req in getattr(EVALUATORS.get(name).obj, "requires", ()):
+            if req not in out:
+                out.append(req)
+        if name not in out:
+            out.append(name)
+    return out
+
+
+def recurrence_depths(block: Entry, knobs: dict, recurrence: list[int]) -> list[int]:
+    """Effective depths of a recurrent block at these iteration counts (same parameters throughout)."""
+    depth_for = getattr(block.obj, "depth_for", None)
+    if depth_for is None:
+        recurrent = [e.name for e in BLOCKS.entries() if hasattr(e.obj, "depth_for")]
+        raise UsageError(f"--recurrence: block {block.name!r} has no recurrence; use --depths "
+                         f"(recurrent blocks: {', '.join(recurrent)})")
+    if not recurrence or any(r < 1 for r in recurrence):
+        raise UsageError(f"--recurrence {','.join(map(str, recurrence))}: iteration counts must be positive integers")
+    return [depth_for(r, knobs) for r in recurrence]
