@@ -347,11 +347,11 @@ def test_postgres_study_shared_by_two_invocations(cli, tmp_path, postgres_url):
     assert "Pareto front (6 trials" in b.stdout
 
 
-def test_readme_space_file_is_valid(tmp_path):
+def test_docs_space_file_is_valid(tmp_path):
     import re
 
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-    block = re.search(r"```toml\n# space.toml[^\n]*\n(.*?)```", readme, re.S).group(1)
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "search.md").read_text()
+    block = re.search(r"```toml\n# space.toml[^\n]*\n(.*?)```", doc, re.S).group(1)
     (tmp_path / "space.toml").write_text(block)
     space = build_space("teacher-student", "quick", {}, str(tmp_path / "space.toml"))
     assert space.blocks == ["residual", "rezero", "looped", "recurrent-depth"]
