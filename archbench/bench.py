@@ -17,6 +17,7 @@ steps and the held-out evaluation are left out of both engines alike.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime
 import os
@@ -27,6 +28,7 @@ import time
 import torch
 
 from archbench.env import environment, resolve_device
+from archbench.progress import Progress
 
 # (depths, temperatures, teacher seeds, teacher kinds, preset) per device type; "paper" is the paper's toy sweep
 SWEEPS = {
@@ -47,19 +49,29 @@ class BenchSpec:
 
 
 class _Clock:
-    """Steady-state throughput from log-point timestamps: (steps between first and last) / seconds."""
+    """Steady-state throughput from log-point timestamps: (steps between first and last) / seconds; also
+    the progress line of what it times."""
 
-    def __init__(self, device):
+    def __init__(self, device, progress=None, label: str = "", total: int | None = None):
         self.device, self.marks = device, []
+        self.progress, self.bar = progress, progress.add(label, total) if progress is not None else None
 
-    def __call__(self, step, *_):
+    def __call__(self, step, loss=None):
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         self.marks.append((step, time.perf_counter()))
+        if self.bar is not None:
+            losses = [v for v in (loss if isinstance(loss, list) else [loss]) if v is not None]
+            self.progress.update(self.bar, completed=step, info=f"loss {min(losses):.3g}" if losses else "")
 
     def steps_and_seconds(self):
         (s0, t0), (s1, t1) = self.marks[0], self.marks[-1]
         return s1 - s0, t1 - t0
+
+
+def _progress(console):
+    """Progress bars (or, in a log file, timed lines) when there is a console to show them."""
+    return Progress(console) if console is not None else contextlib.nullcontext()
 
 
 def _peak_memory(device) -> dict:
@@ -102,11 +114,12 @@ def sweep_part(device, steps: int, which: str, console=None) -> dict:
     say(f"sweep: plain loop, {len(depths)} students one after another")
     _reset_memory(device)
     plain_n, plain_s = 0, 0.0
-    for job in jobs(one_slice):
-        clock = _Clock(device)
-        train(job.model, job.task, cfg, seed=0, depth=job.depth, on_log=clock)
-        n, sec = clock.steps_and_seconds()
-        plain_n, plain_s = plain_n + n * cfg.batch_size, plain_s + sec
+    with _progress(console) as progress:
+        for job in jobs(one_slice):
+            clock = _Clock(device, progress, f"plain loop, depth {job.depth}", cfg.steps)
+            train(job.model, job.task, cfg, seed=0, depth=job.depth, on_log=clock)
+            n, sec = clock.steps_and_seconds()
+            plain_n, plain_s = plain_n + n * cfg.batch_size, plain_s + sec
     plain = {"students": len(depths), "samples_per_s": plain_n / plain_s, **_peak_memory(device)}
 
     results = {}
@@ -114,8 +127,9 @@ def sweep_part(device, steps: int, which: str, console=None) -> dict:
         say(f"sweep: batched engine, {len(keys) * len(depths)} students together")
         _reset_memory(device)
         batch = jobs(keys)
-        clock = _Clock(device)
-        train_batched(batch, on_log=clock)
+        with _progress(console) as progress:
+            clock = _Clock(device, progress, f"batched, {len(batch)} students", cfg.steps)
+            train_batched(batch, on_log=clock)
         results[label] = {"students": len(batch), "samples_per_s": throughput(clock, len(batch)),
                           **_peak_memory(device)}
     full = results["sweep"]
@@ -187,8 +201,9 @@ def sequence_part(device, steps: int, console=None) -> dict:
 
     say(f"sequence: residual, width {width}, depth {depth}, {seq_len} tokens × {batch}")
     _reset_memory(device)
-    clock = _Clock(device)
-    train(model, task, cfg, seed=0, depth=depth, on_log=clock)
+    with _progress(console) as progress:
+        clock = _Clock(device, progress, f"residual on lm-char, depth {depth}", cfg.steps)
+        train(model, task, cfg, seed=0, depth=depth, on_log=clock)
     n, sec = clock.steps_and_seconds()
     achieved = flops_per_step * n / sec
     return {"what": f"lm-char, residual block, width {width}, depth {depth}, heads {heads}, seq_len {seq_len}, "

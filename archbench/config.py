@@ -5,7 +5,7 @@ Precedence, lowest first: knob defaults < the task's preset < ``--set`` override
 Sections: ``block``, ``task``, ``model`` (``ModelConfig``), ``train`` (``archbench.train.TrainConfig``) and
 ``evaluators`` (one sub-section per evaluator, set as ``--set alpha-ell.floor=fit``). A value written
 ``a,b,c`` sweeps a block/task/model/train knob: ``Config.grid`` holds the values and ``Config.points()``
-gives one fully resolved ``Config`` per combination (a *variant*).
+gives one fully resolved ``Config`` per combination (a *grid point*).
 """
 
 from __future__ import annotations

@@ -7,7 +7,7 @@ Two kinds, registered with ``@archbench.register_evaluator("name")``:
 - ``kind = "sweep"``: ``evaluate_sweep(runs, task) -> dict`` across the run records of a sweep
   (e.g. the alpha_ell fit over depths). When ``--set`` sweeps a knob too (``task.k=1,2,4``), a
   sweep evaluator runs once per grid point with that point's runs and task, unless it sets
-  ``across_variants = True`` (e.g. depth-to-solve): then it gets every run (each with its ``vary``
+  ``across_points = True`` (e.g. depth-to-solve): then it gets every run (each with its ``vary``
   dict) and ``task=None`` when there is more than one grid point. With ``needs_models = True`` it is
   called as ``evaluate_sweep(runs, task, models)`` and ``models(run)`` loads a run's trained model.
   ``requires`` names evaluators whose per-run results it reads (they run first).
@@ -27,7 +27,7 @@ from archbench.records import RunRecord
 
 class Evaluator:
     kind: ClassVar[str] = "model"
-    across_variants: ClassVar[bool] = False
+    across_points: ClassVar[bool] = False
     # evaluators whose per-run results this one reads (``archbench eval`` runs them too, first)
     requires: ClassVar[tuple[str, ...]] = ()
     # a sweep evaluator that compares trained models gets ``models(run) -> model | None`` as a third argument
@@ -54,7 +54,7 @@ class Evaluator:
         return False
 
 
-def variant_label(vary: dict) -> str:
+def point_label(vary: dict) -> str:
     """``{"task.k": 2, "task.pairs": 8}`` -> ``"k=2, pairs=8"`` (the grid point of a run)."""
     return ", ".join(f"{k.split('.', 1)[1]}={v}" for k, v in vary.items())
 

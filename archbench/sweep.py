@@ -25,7 +25,7 @@ import archbench
 from archbench.config import ENGINES, Config, EvalSpec, resolve_config
 from archbench.env import environment, resolve_device
 from archbench.errors import ArchbenchError, UsageError, unknown
-from archbench.evaluator import variant_label
+from archbench.evaluator import point_label
 from archbench.model import StreamModel, build_model, check_stream_shapes
 from archbench.progress import Progress
 from archbench.records import RunRecord, RunStore, digest, run_spec, write_json
@@ -46,7 +46,7 @@ class Run:
 
     @property
     def label(self) -> str:
-        return (variant_label(self.vary) + ", " if self.vary else "") + f"depth {self.depth} seed {self.seed}"
+        return (point_label(self.vary) + ", " if self.vary else "") + f"depth {self.depth} seed {self.seed}"
 
 
 def run_eval(spec: EvalSpec, console: Console | None = None,
@@ -205,7 +205,7 @@ class Sweep:
         return Path(self.spec.runs_dir) / "results" / name
 
     def evaluate_sweep(self, records: list[RunRecord]) -> tuple[dict, list[str]]:
-        """Every evaluator's result over the sweep (a per-variant one once per grid point), and the figures."""
+        """Every evaluator's result over the sweep (a per-point one once per grid point), and the figures."""
         metrics, plots = {}, []
         self.out.parent.mkdir(parents=True, exist_ok=True)
 
@@ -222,16 +222,16 @@ class Sweep:
             if ev.kind == "model":
                 metrics[name] = {"per_run": {r.key: r.metrics.get(name) for r in records}}
                 plot(name, ev, metrics[name], records)
-            elif ev.across_variants or len(self.points) == 1:
+            elif ev.across_points or len(self.points) == 1:
                 metrics[name] = sweep(records, self.task(self.points[0][1]) if len(self.points) == 1 else None)
                 plot(name, ev, metrics[name], records)
-            else:  # a per-variant sweep evaluator (alpha_ell): once per grid point, with that point's task
-                metrics[name] = {"variants": []}
+            else:  # a per-point sweep evaluator (alpha_ell): once per grid point, with that point's task
+                metrics[name] = {"points": []}
                 for vary, c in self.points:
                     rs = [r for r in records if r.vary == vary]
                     result = {"vary": vary, **sweep(rs, self.task(c))}
-                    metrics[name]["variants"].append(result)
-                    plot(name, ev, result, rs, "." + variant_label(vary).replace(", ", "_").replace("=", "-"))
+                    metrics[name]["points"].append(result)
+                    plot(name, ev, result, rs, "." + point_label(vary).replace(", ", "_").replace("=", "-"))
         return metrics, plots
 
     def write_result(self, records: list[RunRecord], metrics: dict, plots: list[str]) -> dict:

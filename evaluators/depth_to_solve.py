@@ -17,7 +17,7 @@ import numpy as np
 
 import archbench
 from archbench.errors import UsageError
-from archbench.evaluator import Evaluator, figure, variant_label
+from archbench.evaluator import Evaluator, figure, point_label
 
 
 @archbench.register_evaluator("depth-to-solve", family="composition")
@@ -25,7 +25,7 @@ class DepthToSolve(Evaluator):
     """Smallest effective depth that solves each difficulty (sweep a task knob with --set task.k=1,2,4)."""
 
     kind = "sweep"
-    across_variants = True
+    across_points = True
 
     def __init__(self, *, min_fraction: float = 0.5):
         if not 0 < min_fraction <= 1:
@@ -55,7 +55,7 @@ class DepthToSolve(Evaluator):
                                   "loss": float(np.mean([r.final_loss for r in at]))})
             solved = [p["depth"] for p in per_depth if p["solved_fraction"] >= self.min_fraction]
             first = min(solved) if solved else None
-            rows.append({"vary": vary, "label": variant_label(vary) or "as configured", "depth_to_solve": first,
+            rows.append({"vary": vary, "label": point_label(vary) or "as configured", "depth_to_solve": first,
                          "max_depth_tried": per_depth[-1]["depth"],
                          "unsolved_above": [p["depth"] for p in per_depth
                                             if first is not None and p["depth"] > first and p["depth"] not in solved],

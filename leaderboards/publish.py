@@ -61,7 +61,7 @@ def buildable(spec: EvalSpec) -> EvalSpec:
         return spec
     except UsageError as e:
         first = e
-    depths = resolve_config(dataclasses.replace(spec, block="residual", sets={}))["depths"]  # the preset's
+    depths = resolve_config(dataclasses.replace(spec, block="residual", sets={})).depths  # the preset's
     for factor in range(2, 9):
         scaled = dataclasses.replace(spec, depths=[d * factor for d in depths])
         try:

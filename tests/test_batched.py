@@ -57,7 +57,7 @@ def test_batched_training_gives_the_plain_loops_losses(tmp_path, sets):
     assert n == (8 if "task" in sets else 4)
     assert all(r["engine"]["name"] == "batched" and r["engine"]["runs"] == n for r in rf.values())
     assert all(r["engine"] == {"name": "plain"} for r in rp.values())
-    fits = [res["metrics"]["alpha-ell"].get("variants", [res["metrics"]["alpha-ell"]]) for res in (fast, plain)]
+    fits = [res["metrics"]["alpha-ell"].get("points", [res["metrics"]["alpha-ell"]]) for res in (fast, plain)]
     assert [f["value"] for f in fits[0]] == pytest.approx([f["value"] for f in fits[1]], rel=1e-4)
 
 

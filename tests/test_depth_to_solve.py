@@ -70,7 +70,7 @@ def test_grid_over_a_task_knob_end_to_end_then_cached(cli, tmp_path):
     res = json.loads(out.read_text())
     assert all(run["cached"] for run in res["runs"])
     # alpha_ell is fitted per grid point (here one depth each: not fitted, with the reason)
-    assert [v["vary"] for v in res["metrics"]["alpha-ell"]["variants"]] == [{"task.k": 1}, {"task.k": 2}]
+    assert [v["vary"] for v in res["metrics"]["alpha-ell"]["points"]] == [{"task.k": 1}, {"task.k": 2}]
     assert "alpha_ell (k=1): not fitted" in again.stdout
 
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from archbench.errors import UsageError
-from archbench.evaluator import variant_label
+from archbench.evaluator import point_label
 
 NAME = "eval"
 HELP = "train a block at several depths on a task, fit alpha_ell, write result JSON and plots"
@@ -73,12 +73,12 @@ def runs_table(result):
     gridded = any(r["vary"] for r in runs)
     judged = any(r.get("solved") is not None for r in runs)
     table = Table(title=f"{result['block']} on {result['task']} ({result['config']['preset']}, {result['env']['device']})")
-    for col in ["variant"] * gridded + ["depth", "seed", "params", "test loss"] + ["solved"] * judged + [
+    for col in ["grid point"] * gridded + ["depth", "seed", "params", "test loss"] + ["solved"] * judged + [
             "status", "train s", "cached"]:
-        table.add_column(col, justify="left" if col == "variant" else "right")
+        table.add_column(col, justify="left" if col == "grid point" else "right")
     for r in runs:
         loss = f"{r['final_loss']:.5g}" if r["status"] == "ok" else r.get("failure") or "-"
-        row = [variant_label(r["vary"])] * gridded + [str(r["depth"]), str(r["seed"]), f"{r['params']:,}", loss]
+        row = [point_label(r["vary"])] * gridded + [str(r["depth"]), str(r["seed"]), f"{r['params']:,}", loss]
         row += [{True: "yes", False: "no", None: "-"}[r.get("solved")]] * judged
         table.add_row(*row, r["status"], f"{r['wall_s']:.1f}", "yes" if r["cached"] else "")
     return table
@@ -90,16 +90,16 @@ def summary_lines(result) -> list[str]:
     metrics = result["metrics"]
     if "alpha-ell" in metrics:
         alpha = metrics["alpha-ell"]
-        for a in alpha.get("variants", [alpha]):
-            where = f" ({variant_label(a['vary'])})" if a.get("vary") else ""
+        for a in alpha.get("points", [alpha]):
+            where = f" ({point_label(a['vary'])})" if a.get("vary") else ""
             if a.get("value") is None:
                 lines.append(f"alpha_ell{where}: not fitted ({a.get('note', 'no runs')})")
                 continue
             ci = f"  95% CI [{a['ci95'][0]:.3f}, {a['ci95'][1]:.3f}]" if a.get("ci95") else ""
             lines.append(f"alpha_ell{where} = {a['value']:.3f}{ci}" + (f"  ({a['note']})" if a.get("note") else ""))
-    for r in metrics.get("regime", {}).get("variants", [metrics.get("regime")]):
+    for r in metrics.get("regime", {}).get("points", [metrics.get("regime")]):
         if r:
-            where = f" ({variant_label(r['vary'])})" if r.get("vary") else ""
+            where = f" ({point_label(r['vary'])})" if r.get("vary") else ""
             lines.append(f"regime{where}: {r['regime']} ({'; '.join(r['reasons'])})")
     if metrics.get("layer-correspondence", {}).get("relative_depth_deviation") is not None:
         lc = metrics["layer-correspondence"]
