@@ -56,7 +56,7 @@ from optuna.trial import TrialState
 
 import archbench
 from archbench.errors import ArchbenchError, UsageError, unknown
-from archbench.knobs import _strip_optional, knobs_of
+from archbench.knobs import base_type, knobs_of
 from archbench.registry import BLOCKS, TASKS
 
 # a trial's failure reason lives in this user attribute; a FAIL without it was cut off and is re-queued
@@ -159,7 +159,7 @@ class Space:
 
 def knob_distribution(knob) -> BaseDistribution | None:
     """The distribution a knob's annotation declares: its Range, or its Literal choices."""
-    base = _strip_optional(knob.type)
+    base = base_type(knob.type)
     if knob.range is not None:
         low, high, log = knob.range.low, knob.range.high, knob.range.log
         if base is int:
