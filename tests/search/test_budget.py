@@ -1,5 +1,6 @@
 """The budget: the width that keeps a trial at the baseline's parameters or forward FLOPs."""
 
+import pytest
 import torch
 
 from archbench.registry import TASKS
@@ -11,9 +12,15 @@ def _config(block, sets=None):
     return resolve_config(EvalSpec(block=block, task="teacher-student", preset="quick", sets=sets or {}))
 
 
-def test_params_budget_gives_the_largest_width_under_the_baseline():
+@pytest.fixture(scope="module")
+def baseline():
+    """The residual block's quick config and the task it trains on."""
     ref = _config("residual")
-    task = make_task(TASKS.get("teacher-student"), ref["task"], torch.device("cpu"))
+    return ref, make_task(TASKS.get("teacher-student"), ref["task"], torch.device("cpu"))
+
+
+def test_params_budget_gives_the_largest_width_under_the_baseline(baseline):
+    ref, task = baseline
     limit = measure("residual", ref, 16, task, 32, "params")
     # the baseline itself gets its own width back
     assert fit_width("residual", ref, 16, task, "params", limit, 256) == (32, limit)
@@ -24,9 +31,8 @@ def test_params_budget_gives_the_largest_width_under_the_baseline():
     assert measure("residual", wide, 16, task, width + 4, "params") > limit
 
 
-def test_flops_budget_counts_every_application_of_a_shared_layer():
-    ref = _config("residual")
-    task = make_task(TASKS.get("teacher-student"), ref["task"], torch.device("cpu"))
+def test_flops_budget_counts_every_application_of_a_shared_layer(baseline):
+    ref, task = baseline
     looped = _config("looped")
     # a looped block has the parameters of one layer but the FLOPs of all its applications
     assert measure("looped", looped, 16, task, 32, "params") < measure("residual", ref, 16, task, 32, "params") / 4

@@ -15,14 +15,14 @@ def _counted(trials):
 
 def test_search_end_to_end_resume_and_reuse(cli, tmp_path, tiny, load_study):
     runs = tmp_path / "runs"
-    r = cli("search", *tiny, "--trials", "3", "--runs-dir", runs)
+    r = cli("search", *tiny, "--trials", "2", "--runs-dir", runs)
     assert r.returncode == 0, r.stderr
     assert "Pareto front" in r.stdout and "beat the residual baseline" in r.stdout
     assert "optuna-dashboard sqlite:///" in r.stdout and "reproduce trial" in r.stdout
     url = f"sqlite:///{runs.resolve() / 'studies.db'}"
     study = load_study(url, "teacher-student-alpha+loss-smoke")
     trials = study.get_trials()
-    assert len(trials) == 3 and study.directions[0].name == "MAXIMIZE" and study.directions[1].name == "MINIMIZE"
+    assert len(trials) == 2 and study.directions[0].name == "MAXIMIZE" and study.directions[1].name == "MINIMIZE"
     base = trials[0]
     assert base.user_attrs["baseline"] and base.params["block"] == "residual"
     assert base.user_attrs["budget"]["used"] == base.user_attrs["budget"]["limit"]  # the baseline sets the budget
@@ -35,18 +35,18 @@ def test_search_end_to_end_resume_and_reuse(cli, tmp_path, tiny, load_study):
     n_records = len(list((runs / "records").glob("*.json")))
 
     # the same command again: nothing to do; a larger --trials continues the same study
+    r = cli("search", *tiny, "--trials", "2", "--runs-dir", runs)
+    assert r.returncode == 0 and len(load_study(url, "teacher-student-alpha+loss-smoke").get_trials()) == 2
     r = cli("search", *tiny, "--trials", "3", "--runs-dir", runs)
-    assert r.returncode == 0 and len(load_study(url, "teacher-student-alpha+loss-smoke").get_trials()) == 3
-    r = cli("search", *tiny, "--trials", "5", "--runs-dir", runs)
     assert r.returncode == 0, r.stderr
     trials = load_study(url, "teacher-student-alpha+loss-smoke").get_trials()
-    assert len(trials) == 5 and [t.number for t in trials] == list(range(5))
-    assert len(list((runs / "records").glob("*.json"))) <= n_records + 4  # two new trials at most, 2 depths each
+    assert len(trials) == 3 and [t.number for t in trials] == list(range(3))
+    assert len(list((runs / "records").glob("*.json"))) <= n_records + 2  # one new trial at most, 2 depths
 
     # a different configuration under the same name is refused, and nothing is changed
-    r = cli("search", *tiny, "--trials", "6", "--budget", "none", "--runs-dir", runs)
+    r = cli("search", *tiny, "--trials", "4", "--budget", "none", "--runs-dir", runs)
     assert r.returncode == 2 and "different budget" in r.stderr and len(r.stderr.strip().splitlines()) <= 2
-    assert len(load_study(url, "teacher-student-alpha+loss-smoke").get_trials()) == 5
+    assert len(load_study(url, "teacher-student-alpha+loss-smoke").get_trials()) == 3
 
 
 def test_interrupted_trial_is_queued_again_and_records_reused(tmp_path, load_study):

@@ -49,7 +49,7 @@ def test_failures_are_data(cli, tmp_path, tiny, load_study):
 
 def test_single_objective_reports_intermediate_values(cli, tmp_path, tiny, load_study):
     runs = tmp_path / "runs"
-    r = cli("search", *tiny, "--depths", "2,3,4", "--objective", "loss", "--trials", "2", "--runs-dir", runs)
+    r = cli("search", *tiny, "--depths", "2,3,4", "--objective", "loss", "--trials", "1", "--runs-dir", runs)
     assert r.returncode == 0, r.stderr
     assert "best trials" in r.stdout
     for t in load_study(f"sqlite:///{runs.resolve() / 'studies.db'}", "teacher-student-loss-smoke").get_trials():

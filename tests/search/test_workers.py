@@ -13,12 +13,16 @@ from pathlib import Path
 
 import pytest
 
+from archbench.cli import main
 
-def test_bad_input_gets_one_line(cli, tmp_path, tiny):
+
+def test_bad_input_gets_one_line(capsys, tmp_path, tiny):
+    # in this process: `archbench` is main() in a fresh interpreter, and every refusal comes before training
     for args, needle in ((["--objective", "alpah"], "alpha"), (["--trials", "0"], "at least one"),
                          (["--storage", "mysql://x"], "expected sqlite"), (["--space", tmp_path / "none.toml"], "none.toml")):
-        r = cli("search", *tiny, *args, "--runs-dir", tmp_path / "runs")
-        assert r.returncode == 2 and needle in r.stderr and "Traceback" not in r.stderr, r.stderr
+        returncode = main(["search", *tiny, *map(str, args), "--runs-dir", str(tmp_path / "runs")])
+        stderr = capsys.readouterr().err
+        assert returncode == 2 and needle in stderr and "Traceback" not in stderr, stderr
 
 
 def _check_workers(load_study, url, name, n, log):
@@ -32,9 +36,9 @@ def _check_workers(load_study, url, name, n, log):
 
 def test_concurrent_workers_lose_and_repeat_no_trial(cli, tmp_path, tiny, load_study):
     runs = tmp_path / "runs"
-    r = cli("search", *tiny, "--trials", "6", "--workers", "2", "--study", "w", "--runs-dir", runs, timeout=600)
+    r = cli("search", *tiny, "--trials", "4", "--workers", "2", "--study", "w", "--runs-dir", runs, timeout=600)
     assert r.returncode == 0, r.stderr
-    workers = _check_workers(load_study, f"sqlite:///{runs.resolve() / 'studies.db'}", "w", 6,
+    workers = _check_workers(load_study, f"sqlite:///{runs.resolve() / 'studies.db'}", "w", 4,
                              runs / "studies/w/trials.log")
     assert len(workers) == 2  # both processes did work
 
@@ -85,14 +89,14 @@ def postgres_url():
 
 def test_postgres_study_shared_by_two_invocations(cli, tmp_path, postgres_url, tiny, load_study):
     # two "machines": separate runs directories, one database
-    a = cli("search", *tiny, "--trials", "4", "--workers", "2", "--study", "pg", "--storage", postgres_url,
+    a = cli("search", *tiny, "--trials", "2", "--workers", "2", "--study", "pg", "--storage", postgres_url,
             "--runs-dir", tmp_path / "a", timeout=600)
     assert a.returncode == 0, a.stderr
-    b = cli("search", *tiny, "--trials", "6", "--study", "pg", "--storage", postgres_url,
+    b = cli("search", *tiny, "--trials", "3", "--study", "pg", "--storage", postgres_url,
             "--runs-dir", tmp_path / "b", timeout=600)
     assert b.returncode == 0, b.stderr
     logs = tmp_path / "log"
     logs.write_text((tmp_path / "a/studies/pg/trials.log").read_text() + (tmp_path / "b/studies/pg/trials.log").read_text())
-    workers = _check_workers(load_study, postgres_url, "pg", 6, logs)
+    workers = _check_workers(load_study, postgres_url, "pg", 3, logs)
     assert len(workers) == 3
-    assert "Pareto front (6 trials" in b.stdout
+    assert "Pareto front (3 trials" in b.stdout
