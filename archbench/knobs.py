@@ -41,13 +41,13 @@ class Knob:
 
     @property
     def choices(self) -> tuple | None:
-        base = _strip_optional(self.type)
+        base = base_type(self.type)
         return get_args(base) if get_origin(base) is Literal else None
 
     @property
     def item_type(self) -> Any | None:
         """The element type of a list knob (``tuple[int, ...]``, set as ``1,2,4``); None otherwise."""
-        base = _strip_optional(self.type)
+        base = base_type(self.type)
         return get_args(base)[0] if get_origin(base) in (tuple, list) and get_args(base) else None
 
     def grid(self, text: Any, owner: str) -> list | None:
@@ -62,7 +62,7 @@ class Knob:
             return f"{getattr(self.item_type, '__name__', self.item_type)},..."
         if self.choices:
             return "|".join(str(c) for c in self.choices)
-        base = _strip_optional(self.type)
+        base = base_type(self.type)
         name = getattr(base, "__name__", str(base))
         return name + ("|None" if _is_optional(self.type) else "")
 
@@ -73,7 +73,7 @@ class Knob:
             return text
         if _is_optional(self.type) and text.lower() in ("none", "null"):
             return None
-        base = _strip_optional(self.type)
+        base = base_type(self.type)
         if self.item_type is not None:
             item = Knob(self.name, self.item_type, None)
             return get_origin(base)(item.parse(part.strip(), owner) for part in text.split(",") if part.strip())
@@ -109,7 +109,9 @@ def _is_optional(tp: Any) -> bool:
     return get_origin(tp) in (typing.Union, types.UnionType) and type(None) in get_args(tp)
 
 
-def _strip_optional(tp: Any) -> Any:
+def base_type(tp: Any) -> Any:
+    """The type a knob's values have: its annotation without ``Annotated`` metadata and without
+    ``None`` (``Annotated[int, Range(1, 8)]`` and ``int | None`` are ``int``)."""
     if get_origin(tp) is typing.Annotated:
         tp = get_args(tp)[0]
     if _is_optional(tp):

@@ -1,0 +1,78 @@
+"""What a search trial is scored on: each objective reads a finished eval result (and, for the
+pruner, the depths finished so far)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from archbench.errors import UsageError, unknown
+from archbench.records import RunRecord
+
+
+@dataclasses.dataclass(frozen=True)
+class Objective:
+    name: str
+    direction: str  # "maximize" or "minimize"
+    evaluators: tuple[str, ...]  # what the trial's eval must run
+    help: str
+
+
+OBJECTIVES = {o.name: o for o in (
+    Objective("alpha", "maximize", ("alpha-ell",), "α_ℓ of the loss-depth fit: above 1 escapes ensemble averaging"),
+    Objective("loss", "minimize", (), "held-out loss at the largest depth (mean over seeds)"),
+    Objective("depth-to-solve", "minimize", ("depth-to-solve",),
+              "depth that solves the hardest difficulty (unsolved: twice the largest depth tried)"),
+    Objective("redundancy", "minimize", ("skip-sensitivity",),
+              "1 - mean effect of skipping a layer on later layers, at the largest depth (floored at 0)"),
+)}
+
+
+def _deepest(runs: list[dict]) -> list[dict]:
+    ok = [r for r in runs if r["status"] == "ok"]
+    top = max((r["depth"] for r in ok), default=None)
+    return [r for r in ok if r["depth"] == top]
+
+
+def objective_value(name: str, result: dict) -> float | None:
+    """The objective ``name`` of a finished eval result (None if it could not be computed)."""
+    metrics, runs = result["metrics"], result["runs"]
+    if name == "alpha":
+        return metrics.get("alpha-ell", {}).get("value")
+    if name == "loss":
+        deepest = _deepest(runs)
+        return sum(r["final_loss"] for r in deepest) / len(deepest) if deepest else None
+    if name == "depth-to-solve":
+        rows = metrics.get("depth-to-solve", {}).get("difficulties") or []
+        if not rows:
+            return None
+        hardest = rows[-1]
+        d = hardest["depth_to_solve"]
+        return float(d if d is not None else 2 * hardest["max_depth_tried"])
+    if name == "redundancy":
+        effects = [v for r in _deepest(runs)
+                   for v in (r["metrics"].get("skip-sensitivity") or {}).get("effect_on_later") or []]
+        return max(0.0, 1.0 - sum(effects) / len(effects)) if effects else None
+    raise UsageError(f"unknown objective {name!r}")
+
+
+def intermediate_value(name: str, runs: list[RunRecord], task) -> float | None:
+    """The objective on the depths finished so far, for the pruner (loss and alpha only)."""
+    if name == "loss":
+        return objective_value("loss", {"metrics": {}, "runs": [r.summary() for r in runs]})
+    if name == "alpha" and len({r.depth for r in runs if r.ok}) >= 2:
+        from archbench.evaluators.alpha_ell import AlphaEll
+
+        return AlphaEll(n_boot=0).evaluate_sweep(runs, task).get("value")
+    return None
+
+
+def parse_objectives(text: str) -> list[str]:
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    if not names:
+        raise UsageError("--objective: name at least one of " + ", ".join(OBJECTIVES))
+    for n in names:
+        if n not in OBJECTIVES:
+            raise unknown("objective", n, OBJECTIVES)
+    if len(set(names)) != len(names):
+        raise UsageError(f"--objective {text!r}: an objective is named twice")
+    return names

@@ -1,0 +1,111 @@
+"""Running a search: ``run_search`` continues the study up to ``--trials`` trials, in this process or in
+``--workers K`` spawned processes that split the remaining trials between them."""
+
+from __future__ import annotations
+
+import dataclasses
+import multiprocessing
+import os
+import sys
+import time
+from typing import Callable
+
+import optuna
+from optuna.trial import TrialState
+
+from archbench.errors import ArchbenchError, UsageError
+from archbench.registry import BLOCKS
+from archbench.search.failures import TrialFailed
+from archbench.search.results import summary
+from archbench.search.space import Space, build_space
+from archbench.search.study import SearchSpec, counted, enqueue_baseline, open_storage, open_study, resume
+from archbench.search.trial import TrialRunner
+
+_ENDED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
+
+
+def run_search(spec: SearchSpec, console=None, on_trial: Callable | None = None) -> dict:
+    """Run (or continue) the study until it has ``spec.trials`` trials; returns ``summary(...)``."""
+    if spec.trials < 1:
+        raise UsageError(f"--trials {spec.trials}: need at least one trial")
+    if spec.workers < 1:
+        raise UsageError(f"--workers {spec.workers}: need at least one worker")
+    if spec.baseline:
+        BLOCKS.get(spec.baseline)
+    space = build_space(spec.task, spec.preset, spec.sets, spec.space)
+    runner = TrialRunner(spec, space, console)  # a bad task, preset, objective or budget fails here, before any write
+    study = open_study(spec, space)
+    resume(study)
+    if spec.baseline:
+        enqueue_baseline(study, space, spec.baseline)
+    remaining = spec.trials - counted(study)
+    if remaining > 0:
+        if spec.workers == 1:
+            _work(spec, space, remaining, runner, on_trial)
+        else:
+            _spawn(spec, remaining, on_trial)
+    return summary(open_study(spec, space), spec)
+
+
+def _work(spec: SearchSpec, space: Space, share: int, runner: TrialRunner, on_trial=None) -> None:
+    study = open_study(spec, space)
+    callbacks = [lambda s, t: on_trial(t)] if on_trial else []
+    for _ in range(share):
+        if counted(study) >= spec.trials:  # other machines on a shared database may have filled it
+            break
+        study.optimize(runner, n_trials=1, catch=(TrialFailed,), callbacks=callbacks)
+
+
+def _worker_main(spec: SearchSpec, share: int, index: int) -> None:
+    """One of ``--workers K`` processes (spawned, so CUDA is safe): its share of the trials."""
+    import torch
+
+    from archbench.registry import load_plugin_file
+
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // spec.workers))
+    for path in spec.plugins:
+        load_plugin_file(path)
+    spec = dataclasses.replace(spec, seed=spec.seed + 1000 * (index + 1))  # workers draw different startups
+    from rich.console import Console
+
+    with open(spec.study_dir / f"worker-{index}.log", "a", buffering=1) as log:
+        sys.stdout = sys.stderr = log  # warnings and tracebacks go to the worker's log, not the terminal
+        try:
+            space = build_space(spec.task, spec.preset, spec.sets, spec.space)
+            _work(spec, space, share, TrialRunner(spec, space, Console(file=log, force_terminal=False, width=120)))
+        except KeyboardInterrupt:  # the trial in hand is marked cut off; a rerun queues it again
+            pass
+
+
+def _spawn(spec: SearchSpec, remaining: int, on_trial=None) -> None:
+    """K processes split the remaining trials (exactly, so none is run twice or left over); this
+    process reports each trial as it ends."""
+    spec.study_dir.mkdir(parents=True, exist_ok=True)
+    shares = [remaining // spec.workers + (i < remaining % spec.workers) for i in range(spec.workers)]
+    ctx = multiprocessing.get_context("spawn")
+    procs = [ctx.Process(target=_worker_main, args=(spec, n, i), daemon=False) for i, n in enumerate(shares) if n]
+    for p in procs:
+        p.start()
+    storage = open_storage(spec.storage_url, heartbeat=False)
+    seen: set[int] = {t.number for t in optuna.load_study(study_name=spec.study_name, storage=storage)
+                      .get_trials(deepcopy=False, states=_ENDED)}
+    try:
+        while True:
+            alive = any(p.is_alive() for p in procs)
+            study = optuna.load_study(study_name=spec.study_name, storage=storage)
+            for t in study.get_trials(deepcopy=False, states=_ENDED):
+                if t.number not in seen:
+                    seen.add(t.number)
+                    if on_trial:
+                        on_trial(t)
+            if not alive:
+                break
+            time.sleep(1.0)
+    except KeyboardInterrupt:
+        for p in procs:
+            p.join(timeout=30)  # each worker got the same SIGINT and marks its trial cut off
+        raise
+    bad = [p.exitcode for p in procs if p.exitcode not in (0, None)]
+    if bad:
+        raise ArchbenchError(f"{len(bad)} search worker(s) exited with code(s) {bad}; see "
+                             f"{spec.study_dir}/worker-*.log; rerun the command to continue the study")

@@ -1,0 +1,77 @@
+"""The study: end to end through the CLI, resume (a larger --trials continues it; cut-off and orphaned
+trials are queued again), run records reused, a different configuration refused."""
+
+import socket
+import subprocess
+
+import optuna
+
+from archbench.search import SearchSpec, build_space, run_search
+
+
+def _counted(trials):
+    return [t for t in trials if not (t.state.name == "FAIL" and "failure" not in t.user_attrs)]
+
+
+def test_search_end_to_end_resume_and_reuse(cli, tmp_path, tiny, load_study):
+    runs = tmp_path / "runs"
+    r = cli("search", *tiny, "--trials", "2", "--runs-dir", runs)
+    assert r.returncode == 0, r.stderr
+    assert "Pareto front" in r.stdout and "beat the residual baseline" in r.stdout
+    assert "optuna-dashboard sqlite:///" in r.stdout and "reproduce trial" in r.stdout
+    url = f"sqlite:///{runs.resolve() / 'studies.db'}"
+    study = load_study(url, "teacher-student-alpha+loss-smoke")
+    trials = study.get_trials()
+    assert len(trials) == 2 and study.directions[0].name == "MAXIMIZE" and study.directions[1].name == "MINIMIZE"
+    base = trials[0]
+    assert base.user_attrs["baseline"] and base.params["block"] == "residual"
+    assert base.user_attrs["budget"]["used"] == base.user_attrs["budget"]["limit"]  # the baseline sets the budget
+    for t in trials:
+        if t.state.name == "COMPLETE":
+            assert len(t.values) == 2 and t.user_attrs["budget"]["used"] <= t.user_attrs["budget"]["limit"]
+            assert all((runs / "records" / f"{k}.json").exists() for k in t.user_attrs["records"])
+        else:
+            assert t.state.name == "FAIL" and "loss became" in t.user_attrs["failure"]
+    n_records = len(list((runs / "records").glob("*.json")))
+
+    # the same command again: nothing to do; a larger --trials continues the same study
+    r = cli("search", *tiny, "--trials", "2", "--runs-dir", runs)
+    assert r.returncode == 0 and len(load_study(url, "teacher-student-alpha+loss-smoke").get_trials()) == 2
+    r = cli("search", *tiny, "--trials", "3", "--runs-dir", runs)
+    assert r.returncode == 0, r.stderr
+    trials = load_study(url, "teacher-student-alpha+loss-smoke").get_trials()
+    assert len(trials) == 3 and [t.number for t in trials] == list(range(3))
+    assert len(list((runs / "records").glob("*.json"))) <= n_records + 2  # one new trial at most, 2 depths
+
+    # a different configuration under the same name is refused, and nothing is changed
+    r = cli("search", *tiny, "--trials", "4", "--budget", "none", "--runs-dir", runs)
+    assert r.returncode == 2 and "different budget" in r.stderr and len(r.stderr.strip().splitlines()) <= 2
+    assert len(load_study(url, "teacher-student-alpha+loss-smoke").get_trials()) == 3
+
+
+def test_interrupted_trial_is_queued_again_and_records_reused(tmp_path, load_study):
+    spec = SearchSpec(task="teacher-student", preset="smoke", depths=[2, 4], sets={"train": {"steps": "30"}},
+                      trials=1, runs_dir=str(tmp_path / "runs"), study="cut")
+    run_search(spec)
+    study = load_study(spec.storage_url, "cut")
+    first = study.get_trials()[0]
+    # a trial cut off mid-sweep (Ctrl-C, a killed worker): FAIL with no recorded reason
+    study.enqueue_trial({"block": "rezero"})
+    cut = study.ask()
+    cut.suggest_categorical("block", build_space("teacher-student", "smoke", {}, None).blocks)
+    study.tell(cut, state=optuna.trial.TrialState.FAIL)
+    cut_params = study.get_trials()[1].params
+    # a trial left RUNNING by a process of this machine that was killed before its first heartbeat
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    study.enqueue_trial({"block": "highway"})
+    orphan = study.ask()
+    orphan.suggest_categorical("block", build_space("teacher-student", "smoke", {}, None).blocks)
+    orphan.set_user_attr("worker", f"{socket.gethostname()}:{dead.pid}")
+    run_search(SearchSpec(**{**spec.__dict__, "trials": 3}))
+    trials = study.get_trials()
+    assert len(_counted(trials)) == 3 and trials[orphan.number].state.name == "FAIL"
+    for lost, block in ((cut.number, cut_params["block"]), (orphan.number, "highway")):
+        retry = [t for t in trials if t.user_attrs.get("retry_of") == lost]
+        assert len(retry) == 1 and retry[0].params["block"] == block and retry[0].state.name == "COMPLETE"
+    assert first.user_attrs["baseline"] and first.state.name == "COMPLETE"

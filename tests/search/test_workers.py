@@ -1,0 +1,102 @@
+"""Running a search: bad input refused in one line, K worker processes that lose and repeat no trial,
+and two invocations sharing one study through a real PostgreSQL server."""
+
+import glob
+import os
+import pwd
+import shutil
+import socket
+import subprocess
+import tempfile
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from archbench.cli import main
+
+
+def test_bad_input_gets_one_line(capsys, tmp_path, tiny):
+    # in this process: `archbench` is main() in a fresh interpreter, and every refusal comes before training
+    for args, needle in ((["--objective", "alpah"], "alpha"), (["--trials", "0"], "at least one"),
+                         (["--storage", "mysql://x"], "expected sqlite"), (["--space", tmp_path / "none.toml"], "none.toml")):
+        returncode = main(["search", *tiny, *map(str, args), "--runs-dir", str(tmp_path / "runs")])
+        stderr = capsys.readouterr().err
+        assert returncode == 2 and needle in stderr and "Traceback" not in stderr, stderr
+
+
+def _check_workers(load_study, url, name, n, log):
+    trials = load_study(url, name).get_trials()
+    assert len(trials) == n and sorted(t.number for t in trials) == list(range(n))
+    assert all(t.state.name == "COMPLETE" for t in trials), [(t.number, t.state, t.user_attrs) for t in trials]
+    started = Counter(int(line.split()[2]) for line in Path(log).read_text().splitlines())
+    assert sorted(started) == list(range(n)) and set(started.values()) == {1}  # none lost, none run twice
+    return {t.user_attrs["worker"] for t in trials}
+
+
+def test_concurrent_workers_lose_and_repeat_no_trial(cli, tmp_path, tiny, load_study):
+    runs = tmp_path / "runs"
+    r = cli("search", *tiny, "--trials", "4", "--workers", "2", "--study", "w", "--runs-dir", runs, timeout=600)
+    assert r.returncode == 0, r.stderr
+    workers = _check_workers(load_study, f"sqlite:///{runs.resolve() / 'studies.db'}", "w", 4,
+                             runs / "studies/w/trials.log")
+    assert len(workers) == 2  # both processes did work
+
+
+# ---------------------------------------------------------------------------------------------- PostgreSQL
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def postgres_url():
+    """A real PostgreSQL server (Debian's ``postgresql``), started for these tests and stopped after."""
+    pytest.importorskip("psycopg", reason="pip install 'archbench[postgres]'")
+    initdb = shutil.which("initdb") or next(iter(sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"))), None)
+    if not initdb:
+        pytest.skip("PostgreSQL server binaries not installed (Debian package postgresql)")
+    bindir = Path(os.path.realpath(initdb)).parent
+    base = Path(tempfile.mkdtemp(prefix="archbench-pg-"))
+    os.chmod(base, 0o755)
+    as_user = []
+    if os.geteuid() == 0:  # the server refuses to run as root
+        try:
+            user = pwd.getpwnam("postgres")
+        except KeyError:
+            pytest.skip("running as root and there is no 'postgres' user to run the server as")
+        os.chown(base, user.pw_uid, user.pw_gid)
+        as_user = ["runuser", "-u", "postgres", "--"]
+    port = _free_port()
+    run = lambda *a: subprocess.run(as_user + [str(x) for x in a], capture_output=True, text=True, timeout=120)
+    r = run(bindir / "initdb", "-D", base / "data", "-U", "archbench", "--auth=trust", "-E", "UTF8")
+    if r.returncode:
+        pytest.skip(f"initdb failed: {r.stderr.strip()[-300:]}")
+    r = run(bindir / "pg_ctl", "-D", base / "data", "-l", base / "log", "-w", "-t", "60", "-o",
+            f"-p {port} -k {base} -c listen_addresses=127.0.0.1", "start")
+    if r.returncode:
+        pytest.skip(f"PostgreSQL did not start: {r.stderr.strip()[-300:]}")
+    try:
+        assert run(bindir / "createdb", "-h", "127.0.0.1", "-p", port, "-U", "archbench", "search").returncode == 0
+        yield f"postgresql://archbench@127.0.0.1:{port}/search"
+    finally:
+        run(bindir / "pg_ctl", "-D", base / "data", "-m", "fast", "stop")
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def test_postgres_study_shared_by_two_invocations(cli, tmp_path, postgres_url, tiny, load_study):
+    # two "machines": separate runs directories, one database
+    a = cli("search", *tiny, "--trials", "2", "--workers", "2", "--study", "pg", "--storage", postgres_url,
+            "--runs-dir", tmp_path / "a", timeout=600)
+    assert a.returncode == 0, a.stderr
+    b = cli("search", *tiny, "--trials", "3", "--study", "pg", "--storage", postgres_url,
+            "--runs-dir", tmp_path / "b", timeout=600)
+    assert b.returncode == 0, b.stderr
+    logs = tmp_path / "log"
+    logs.write_text((tmp_path / "a/studies/pg/trials.log").read_text() + (tmp_path / "b/studies/pg/trials.log").read_text())
+    workers = _check_workers(load_study, postgres_url, "pg", 3, logs)
+    assert len(workers) == 3
+    assert "Pareto front (3 trials" in b.stdout
