@@ -28,7 +28,8 @@ from archbench.config import ModelConfig
 from archbench.records import NUMERICS_VERSION, RunRecord, RunStore, atomic_write_text, digest
 from archbench.sweep import make_task
 
-TABLE_VERSION = 1
+TABLE_VERSION = 2
+_RENAMED_IN_2 = {"later_effect": "skip_effect_mean", "depth_score": "skip_centre"}  # row fields of version 1
 
 COLUMNS = {
     "block": "registered block name",
@@ -42,8 +43,8 @@ COLUMNS = {
     "depth_to_solve": "smallest effective depth whose runs solve the task (tasks with a notion of solved)",
     "phi_mid": "mean angle between neighbouring updates over the middle layers of the deepest model (rad; "
                "π/2 = uncorrelated, small = smooth)",
-    "later_effect": "mean relative change of the later layers' updates when one layer is skipped (deepest model)",
-    "depth_score": "where along depth skipping matters most (0 = first layer, 1 = last)",
+    "skip_effect_mean": "mean relative change of the later layers' updates when one layer is skipped (deepest model)",
+    "skip_centre": "where along depth skipping matters most (0 = first layer, 1 = last)",
     "regime": "ensemble-averaging / compositional / procedural / undetermined (rule in `archbench list "
               "evaluators -v regime`)",
     "train_s": "training wall time of all the row's runs (s)",
@@ -164,7 +165,7 @@ def sweep_row(sid, runs: list[RunRecord], task, block, solvable: bool, studies: 
     alpha = EVALUATORS.get("alpha-ell").obj().evaluate_sweep(runs, task)
     regime = EVALUATORS.get("regime").obj().evaluate_sweep(runs, task)
     ev = regime["evidence"]
-    has_evidence = ev.get("phi_mid") is not None and ev.get("later_effect") is not None
+    has_evidence = ev.get("phi_mid") is not None and ev.get("skip_effect_mean") is not None
     defaults = {k: kn.default for k, kn in knobs_of(block.obj).items()}
     model_defaults = {f.name: f.default for f in dataclasses.fields(ModelConfig)}
     config = {**_diff(spec["block_cfg"], defaults), **_diff(spec["model"], model_defaults)}
@@ -175,8 +176,8 @@ def sweep_row(sid, runs: list[RunRecord], task, block, solvable: bool, studies: 
            "depths": sorted({r.effective_depth for r in runs}), "seeds": len({r.seed for r in runs}),
            "alpha": alpha.get("value"), "alpha_ci95": alpha.get("ci95"),
            "loss": _mean([r.final_loss for r in deepest]),
-           "depth_to_solve": None, "phi_mid": ev.get("phi_mid"), "later_effect": ev.get("later_effect"),
-           "depth_score": ev.get("depth_score_relative"),
+           "depth_to_solve": None, "phi_mid": ev.get("phi_mid"), "skip_effect_mean": ev.get("skip_effect_mean"),
+           "skip_centre": ev.get("skip_centre_relative"),
            "regime": regime["regime"] if has_evidence else None,
            "failed_runs": len(runs) - len(ok),
            "train_s": round(sum(r.wall_s for r in runs), 1),
@@ -235,6 +236,9 @@ def load_table(path: Path) -> dict | None:
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ArchbenchError(f"{path} exists but is not readable JSON ({type(e).__name__}); move it away or fix "
                              f"it: nothing was written") from None
+    if isinstance(data, dict) and data.get("table_version") == 1 and isinstance(data.get("rows"), list):
+        data["rows"] = [{_RENAMED_IN_2.get(k, k): v for k, v in row.items()} for row in data["rows"]]
+        data["table_version"] = TABLE_VERSION
     if not isinstance(data, dict) or data.get("table_version") != TABLE_VERSION or not isinstance(data.get("rows"), list):
         raise ArchbenchError(f"{path} exists but is not an archbench leaderboard table (v{TABLE_VERSION}); move it "
                              f"away: nothing was written")
@@ -264,7 +268,7 @@ def write_tables(tables: dict[str, dict], out: Path, command: str) -> list[Path]
 
 
 _CSV = ["id", "block", "config", "params", "depths", "seeds", "alpha", "alpha_lo", "alpha_hi", "loss",
-        "depth_to_solve", "phi_mid", "later_effect", "depth_score", "regime", "failed_runs", "train_s", "device",
+        "depth_to_solve", "phi_mid", "skip_effect_mean", "skip_centre", "regime", "failed_runs", "train_s", "device",
         "version", "source", "records"]
 
 
@@ -300,7 +304,7 @@ def to_markdown(doc: dict, solvable: bool) -> str:
              f"- seeds per depth: {', '.join(map(str, seeds))}; every row's runs, config, versions and device are in "
              f"`{doc['table']}.json` (row id → `records`, each a run record under the runs directory)", ""]
     cols = ["block", "config", "params", "depths", "α_ℓ [95 % CI]", "loss"] + ["depth to solve"] * solvable + \
-           ["φ_mid", "skip effect", "depth score", "regime", "train s", "device", "version", "source", "id"]
+           ["φ_mid", "skip effect (mean)", "skip centre", "regime", "train s", "device", "version", "source", "id"]
     lines += ["| " + " | ".join(cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
     for r in rows:
         ci = r.get("alpha_ci95")
@@ -310,7 +314,7 @@ def to_markdown(doc: dict, solvable: bool) -> str:
                  _f(r["loss"], 4)]
         if solvable:
             cells.append(_f(r.get("depth_to_solve")) if r.get("depth_to_solve") is not None else "not solved")
-        cells += [_f(r["phi_mid"]), _f(r["later_effect"]), _f(r["depth_score"]), r["regime"] or "–",
+        cells += [_f(r["phi_mid"]), _f(r["skip_effect_mean"]), _f(r["skip_centre"]), r["regime"] or "–",
                   f"{r['train_s']:.0f}", ", ".join(r["device"]), ", ".join(r["version"]), r["source"] or "",
                   r["id"]]
         if r.get("failed_runs"):

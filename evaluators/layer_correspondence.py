@@ -59,7 +59,7 @@ class LayerCorrespondence(Evaluator):
                     ma, mb = models(a), models(b)
                     if ma is None or mb is None:
                         continue
-                    out["pairs"].append({"seed": seed, "shallow": a["effective_depth"], "deep": b["effective_depth"],
+                    out["pairs"].append({"seed": seed, "shallow": a.effective_depth, "deep": b.effective_depth,
                                          **self.compare(ma, mb, task)})
         if not out["pairs"]:
             out["note"] = "needs two finished runs of different depths with the same seed (and saved weights)"

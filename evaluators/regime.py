@@ -6,7 +6,7 @@ Evidence, from a depth sweep:
   first and last) of the deepest models (``layer-similarity``), and the coefficient of variation of
   their middle θ_l (how even the updates are);
 - the effect of skipping one layer on the later layers' contributions, averaged over layers
-  (``skip-sensitivity``'s e_s), and the depth score.
+  (``skip-sensitivity``'s e_s), and the skip centre.
 
 The rule, tried in this order (thresholds are knobs):
 1. **procedural**: φ_mid < ``phi_smooth`` (neighbouring updates point the same way, like the steps
@@ -32,7 +32,8 @@ from archbench.knobs import Range
 from archbench.records import RunRecord
 
 
-@archbench.register_evaluator("regime", family="scaling",
+# 2: evidence later_effect renamed skip_effect_mean
+@archbench.register_evaluator("regime", family="scaling", version=2,
                               citation="Liu et al. 2026 (arXiv 2602.05970); Csordás et al. 2025 (arXiv 2505.13898)")
 class Regime(Evaluator):
     """Compositional / procedural / ensemble-averaging / undetermined, from α_ℓ, update angles and skips."""
@@ -68,7 +69,7 @@ class Regime(Evaluator):
         return out
 
     def call(self, ev: dict) -> tuple[str, list[str]]:
-        a, phi, later = ev.get("alpha"), ev.get("phi_mid"), ev.get("later_effect")
+        a, phi, later = ev.get("alpha"), ev.get("phi_mid"), ev.get("skip_effect_mean")
         if phi is None or later is None:
             return "undetermined", ["no layer-similarity or skip-sensitivity results (needs depth ≥ 3)"]
         smooth, steep = phi < self.phi_smooth, a is not None and a >= self.alpha_steep
@@ -104,7 +105,7 @@ class Regime(Evaluator):
             depths = [int(d) for d in by_depth]
             for i, (key, label, lines) in enumerate((
                     ("phi_mid", "φ_mid (rad)", [(self.phi_smooth, "smooth below"), (self.phi_uncorrelated, "uncorrelated above")]),
-                    ("later_effect", "mean skip effect on later layers", [(self.later_break, "breaks above")])), 1):
+                    ("skip_effect_mean", "mean skip effect on later layers", [(self.later_break, "breaks above")])), 1):
                 ax[i].plot(depths, [v[key] for v in by_depth.values()], "o-")
                 for y, text in lines:
                     ax[i].axhline(y, color="grey", ls=":", lw=1)
@@ -123,12 +124,12 @@ def evidence(run: RunRecord) -> dict:
     theta = np.asarray(sim["per_layer"]["theta"], float)
     mid_phi = phi[1:-1] if len(phi) >= 3 else phi
     mid_theta = theta[1:-1] if len(theta) >= 3 else theta
-    later = skip.get("effect_on_later") or []
+    later = skip.get("skip_effect") or []
     return {"phi_mid": float(np.mean(mid_phi)) if len(mid_phi) else None,
             "theta_mid": float(mid_theta.mean()),
             "theta_mid_cv": float(mid_theta.std() / max(mid_theta.mean(), 1e-12)),
-            "later_effect": float(np.mean(later)) if later else None,
-            "depth_score_relative": skip.get("depth_score_relative")}
+            "skip_effect_mean": float(np.mean(later)) if later else None,
+            "skip_centre_relative": skip.get("skip_centre_relative")}
 
 
 def _mean(values):

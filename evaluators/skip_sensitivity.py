@@ -13,8 +13,8 @@ a sequence (it is an attention sink in LLMs). Per skipped layer s:
   on (what a layer contributes to later tokens; sequence tasks only);
 - ``local``: remove c_s from the input of every later layer without letting the change propagate
   (each later layer sees h_j − c_s), which isolates the direct use of c_s;
-- the depth score Σ s·e_s / Σ e_s, with e_s the mean ``later_mean`` effect of skipping s (layers
-  counted from 0; the last layer has no later layers). ``depth_score_relative`` divides by L − 1.
+- the skip centre Σ s·e_s / Σ e_s, with e_s the mean ``later_mean`` effect of skipping s (layers
+  counted from 0; the last layer has no later layers). ``skip_centre_relative`` divides by L − 1.
 """
 
 from __future__ import annotations
@@ -37,7 +37,8 @@ from archbench.records import RunRecord
 OUTPUT = ("output_l2", "output_kl", "top1_flip", "loss_increase")
 
 
-@archbench.register_evaluator("skip-sensitivity", family="skipping",
+# 2: effect_on_later, depth_score renamed skip_effect, skip_centre
+@archbench.register_evaluator("skip-sensitivity", family="skipping", version=2,
                               citation="Csordás, Manning, Potts 2025 (arXiv 2505.13898)")
 class SkipSensitivity(Evaluator):
     """Skip each effective layer (or its attention or MLP) and measure later layers and the output."""
@@ -89,17 +90,17 @@ class SkipSensitivity(Evaluator):
                 res["t"] = int(self.future_at * T)
             out["variants"][variant] = res
         e = [float(np.mean(sums.mean(f"layer/{s}/later"))) for s in range(L - 1)]
-        out["effect_on_later"] = e
+        out["skip_effect"] = e
         total = sum(e)
-        out["depth_score"] = sum(s * v for s, v in enumerate(e)) / total if total > 0 else None
-        out["depth_score_relative"] = out["depth_score"] / (L - 1) if out["depth_score"] is not None else None
-        out["halves"] = {"output_l2": halves(out["variants"]["layer"]["output_l2"]), "effect_on_later": halves(e)}
+        out["skip_centre"] = sum(s * v for s, v in enumerate(e)) / total if total > 0 else None
+        out["skip_centre_relative"] = out["skip_centre"] / (L - 1) if out["skip_centre"] is not None else None
+        out["halves"] = {"output_l2": halves(out["variants"]["layer"]["output_l2"]), "skip_effect": halves(e)}
         out["halves_inner"] = {"output_l2": halves(out["variants"]["layer"]["output_l2"], skip_ends=True),
-                               "effect_on_later": halves(e[1:])}  # e stops before the last layer
+                               "skip_effect": halves(e[1:])}  # e stops before the last layer
         return out
 
     def _skip(self, model, task, x, y, clean, s, variant, sums: Sums):
-        states, L = clean.states, len(clean.states) - 1
+        states = clean.states
         B, T = states[0].shape[:2]
         pos = torch.arange(T, device=states[0].device).view(1, T, 1)
         t = int(self.future_at * T)
@@ -158,8 +159,8 @@ class SkipSensitivity(Evaluator):
                 ax[1].plot(layers, r["output_l2"], "o-", label=variant)
             ax[1].set_yscale("log")
             style_axes(ax[1], "skipped layer s", "‖p − p̃‖₂ (token mean)", "effect on the output")
-            ax[2].plot(layers[:-1], res["effect_on_later"], "o-", label="mean effect on later layers")
-            if res["depth_score"] is not None:
-                ax[2].axvline(res["depth_score"], color="k", ls=":", label=f"depth score {res['depth_score']:.2f}")
+            ax[2].plot(layers[:-1], res["skip_effect"], "o-", label="mean effect on later layers")
+            if res["skip_centre"] is not None:
+                ax[2].axvline(res["skip_centre"], color="k", ls=":", label=f"skip centre {res['skip_centre']:.2f}")
             style_axes(ax[2], "skipped layer s", "mean ‖Δc_j‖/‖c_j‖", "effect on later layers")
         return True

@@ -168,8 +168,8 @@ def test_skipping_an_identity_layer_changes_nothing_and_local_equals_full_at_the
     for name in ("output_l2", "output_kl", "top1_flip", "loss_increase"):
         assert local[name][-1] == pytest.approx(full[name][-1], abs=1e-6)
     assert local["output_l2"][0] != pytest.approx(full["output_l2"][0], abs=1e-6)  # propagation matters earlier
-    e = r["effect_on_later"]
-    assert r["depth_score"] == pytest.approx(sum(s * v for s, v in enumerate(e)) / sum(e))
+    e = r["skip_effect"]
+    assert r["skip_centre"] == pytest.approx(sum(s * v for s, v in enumerate(e)) / sum(e))
     # the future variant measures from t on only, so the last position's layer still counts
     assert r["variants"]["future"]["t"] == 4 and r["variants"]["future"]["output_l2"][0] > 0
 
@@ -238,13 +238,13 @@ def test_layer_correspondence_finds_inserted_identity_layers():
 
 
 @pytest.mark.parametrize("evidence, regime", [
-    ({"alpha": 1.05, "phi_mid": 1.5, "later_effect": 0.1}, "ensemble-averaging"),
-    ({"alpha": 2.8, "phi_mid": 0.3, "later_effect": 0.1}, "procedural"),
-    ({"alpha": 2.2, "phi_mid": 1.4, "later_effect": 0.9}, "compositional"),
-    ({"alpha": None, "phi_mid": 1.4, "later_effect": 0.9}, "compositional"),
-    ({"alpha": 1.0, "phi_mid": 0.3, "later_effect": 0.1}, "undetermined"),  # smooth updates, yet α ≈ 1
-    ({"alpha": 2.5, "phi_mid": 1.5, "later_effect": 0.1}, "undetermined"),  # steep, but nothing breaks
-    ({"alpha": 1.0, "phi_mid": None, "later_effect": None}, "undetermined"),
+    ({"alpha": 1.05, "phi_mid": 1.5, "skip_effect_mean": 0.1}, "ensemble-averaging"),
+    ({"alpha": 2.8, "phi_mid": 0.3, "skip_effect_mean": 0.1}, "procedural"),
+    ({"alpha": 2.2, "phi_mid": 1.4, "skip_effect_mean": 0.9}, "compositional"),
+    ({"alpha": None, "phi_mid": 1.4, "skip_effect_mean": 0.9}, "compositional"),
+    ({"alpha": 1.0, "phi_mid": 0.3, "skip_effect_mean": 0.1}, "undetermined"),  # smooth updates, yet α ≈ 1
+    ({"alpha": 2.5, "phi_mid": 1.5, "skip_effect_mean": 0.1}, "undetermined"),  # steep, but nothing breaks
+    ({"alpha": 1.0, "phi_mid": None, "skip_effect_mean": None}, "undetermined"),
 ])
 def test_regime_rule(evidence, regime):
     call, reasons = Regime().call(evidence)

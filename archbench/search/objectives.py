@@ -50,7 +50,7 @@ def objective_value(name: str, result: dict) -> float | None:
         return float(d if d is not None else 2 * hardest["max_depth_tried"])
     if name == "redundancy":
         effects = [v for r in _deepest(runs)
-                   for v in (r["metrics"].get("skip-sensitivity") or {}).get("effect_on_later") or []]
+                   for v in (r["metrics"].get("skip-sensitivity") or {}).get("skip_effect") or []]
         return max(0.0, 1.0 - sum(effects) / len(effects)) if effects else None
     raise UsageError(f"unknown objective {name!r}")
 

@@ -8,7 +8,7 @@ from archbench.search import intermediate_value, objective_value
 
 
 def _run(depth, loss, later=None):
-    metrics = {"skip-sensitivity": {"effect_on_later": later}} if later is not None else {}
+    metrics = {"skip-sensitivity": {"skip_effect": later}} if later is not None else {}
     return {"depth": depth, "effective_depth": depth, "seed": 0, "status": "ok", "final_loss": loss,
             "metrics": metrics}
 
