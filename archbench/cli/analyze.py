@@ -39,11 +39,12 @@ def run(args) -> int:
 
     from archbench.env import environment, resolve_device
     from archbench.errors import UsageError, unknown
-    from archbench.hf import HFStreamModel, HFTextTask, load_hf_model
+    from archbench.hf import HFStreamModel, load_hf_model
     from archbench.knobs import resolve
     from archbench.records import run_key
     from archbench.registry import EVALUATORS
     from archbench.sweep import parse_sets
+    from archbench.tasks.hf_text import HFTextTask
 
     err, out = Console(stderr=True, highlight=False), Console(highlight=False)
     if args.tokens < args.seq_len:
