@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import hashlib
 import json
 import sys
 import time
@@ -31,7 +32,7 @@ from archbench.env import environment, resolve_device
 from archbench.errors import UsageError, unknown
 from archbench.hf import HFStreamModel, load_hf_model
 from archbench.knobs import resolve
-from archbench.records import atomic_write_text, run_key
+from archbench.records import atomic_write_text
 from archbench.registry import EVALUATORS, Entry
 from archbench.tasks.hf_text import HFTextTask
 
@@ -125,7 +126,7 @@ def result_path(spec: AnalyzeSpec, config: dict) -> Path:
     """``spec.out``, or runs/analyze/<model>__<hash of config>.json (the same analysis finds the same file)."""
     if spec.out:
         return Path(spec.out)
-    return Path("runs") / "analyze" / f"{_slug(spec.hf_model)}__{run_key(config)[:8]}.json"
+    return Path("runs") / "analyze" / f"{_slug(spec.hf_model)}__{_config_hash(config)}.json"
 
 
 def _measure(result: dict, entries: dict[str, Entry], knobs: dict, model: HFStreamModel, task: HFTextTask,
@@ -164,6 +165,12 @@ def _plot(result: dict, entries: dict[str, Entry], knobs: dict, path: Path) -> l
         if entry.obj(**knobs[name]).plot(result["metrics"][name], [], png := path.with_suffix(f".{name}.png")):
             plots.append(str(png))
     return plots
+
+
+def _config_hash(config: dict) -> str:
+    """8 hex digits of the SHA-256 of ``config``'s canonical JSON (the same digits as a run key's start)."""
+    blob = json.dumps(config, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:8]
 
 
 def _slug(name: str) -> str:

@@ -2,10 +2,11 @@
 
 import importlib.util
 import json
+from pathlib import Path
 
 import pytest
 
-from archbench.analyze import AnalyzeSpec, run_analyze
+from archbench.analyze import AnalyzeSpec, result_path, run_analyze
 from archbench.cli import main
 from archbench.errors import UsageError
 
@@ -60,3 +61,12 @@ def test_bad_set_on_the_command_line(capsys):
     assert main(["analyze", "--hf-model", "smollm2-135m", "--set", "no-dot"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("archbench: error:") and len(err.strip().splitlines()) == 1
+
+
+def test_result_path():
+    """The default result file is named by the model and a hash of the config: the same analysis finds
+    the same file to resume from (the digits are those of a run key over the same JSON)."""
+    config = {"model": "m", "dtype": "float32"}
+    assert result_path(AnalyzeSpec("./models/SmolLM2 135M.gguf"), config) == Path(
+        "runs/analyze/SmolLM2_135M.gguf__1f18d587.json")
+    assert result_path(AnalyzeSpec("x", out="a/b.json"), config) == Path("a/b.json")
