@@ -52,7 +52,7 @@ class DepthToSolve(Evaluator):
                 at = [r for r in rs if r.effective_depth == d]
                 frac = float(np.mean([bool(r.solved) for r in at]))
                 per_depth.append({"depth": d, "solved_fraction": frac,
-                                  "loss": float(np.mean([r.final_loss for r in at]))})
+                                  "loss": float(np.mean([np.nan if r.final_loss is None else r.final_loss for r in at]))})
             solved = [p["depth"] for p in per_depth if p["solved_fraction"] >= self.min_fraction]
             first = min(solved) if solved else None
             rows.append({"vary": vary, "label": point_label(vary) or "as configured", "depth_to_solve": first,

@@ -15,9 +15,23 @@ def run_cli(*args, cwd=None, timeout=300, env=None):
                           text=True, timeout=timeout, env=full_env)
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def cli():
     return run_cli
+
+
+@pytest.fixture
+def main(capsys):
+    """``main(*args)``: archbench's CLI inside the test process, for commands that stop before training
+    (no interpreter start-up, which costs seconds here); returns what ``run_cli`` returns."""
+    from archbench.cli import main as archbench_main
+
+    def run(*args):
+        capsys.readouterr()
+        code = archbench_main([str(a) for a in args])
+        out, err = capsys.readouterr()
+        return subprocess.CompletedProcess(["archbench", *map(str, args)], code, out, err)
+    return run
 
 
 @pytest.fixture(scope="session")
@@ -39,3 +53,18 @@ def smollm2():
     torch.manual_seed(0)
     hf, tokenizer = load_hf_model("smollm2-135m")
     return HFStreamModel(hf), tokenizer
+
+
+@pytest.fixture
+def make_run():
+    """``make_run(depth, final_loss, seed=0, ...)``: a finished run as evaluators get it (a ``RunRecord``),
+    from the fields a test cares about."""
+    from archbench.records import RunRecord, digest
+
+    def make(depth, final_loss, *, seed=0, status="ok", effective_depth=None, solved=None, vary=None, metrics=None):
+        spec = {"depth": depth, "seed": seed, "vary": vary or {}}
+        return RunRecord(key=digest(spec), spec=spec, depth=depth, effective_depth=effective_depth or depth, seed=seed,
+                         status=status, final_loss=final_loss, params=1, eval={}, metrics=metrics or {}, solved=solved,
+                         failure=None if status == "ok" else "diverged", steps_done=1, history=[], wall_s=0.0,
+                         source={}, env={}, engine={"name": "plain"}, finished="", vary=vary or {})
+    return make

@@ -44,10 +44,9 @@ def test_fit_with_floor():
         fit_power_law(DEPTHS, losses, floor=5.0)
 
 
-def test_evaluator_reports_value_interval_and_counts():
-    runs = [{"depth": int(d), "seed": s, "final_loss": float(d ** -1.0 * (1 + 0.02 * s)), "status": "ok"}
-            for d in DEPTHS for s in range(2)]
-    runs.append({"depth": 64, "seed": 0, "final_loss": float("nan"), "status": "failed"})
+def test_evaluator_reports_value_interval_and_counts(make_run):
+    runs = [make_run(int(d), float(d ** -1.0 * (1 + 0.02 * s)), seed=s) for d in DEPTHS for s in range(2)]
+    runs.append(make_run(64, None, status="failed"))
     out = AlphaEll(n_boot=200).evaluate_sweep(runs, task=None)
     assert out["value"] == pytest.approx(1.0, abs=0.01)
     assert out["n_runs"] == 12 and out["n_depths"] == 6
@@ -56,11 +55,11 @@ def test_evaluator_reports_value_interval_and_counts():
     assert one["value"] is None and "two depths" in one["note"]
 
 
-def test_no_interval_when_the_fit_passes_through_every_run():
+def test_no_interval_when_the_fit_passes_through_every_run(make_run):
     ev = AlphaEll(floor="fit")
-    runs = [{"depth": d, "final_loss": 1.0 + 2.0 * d ** -1.5, "status": "ok"} for d in (3, 6, 12)]
+    runs = [make_run(d, 1.0 + 2.0 * d ** -1.5) for d in (3, 6, 12)]
     out = ev.evaluate_sweep(runs, task=None)
     assert out["value"] == pytest.approx(1.5, abs=1e-3) and out["ci95"] is None and "add seeds" in out["note"]
-    rising = [{"depth": d, "final_loss": 3.0 + 0.01 * d, "status": "ok"} for d in (3, 6, 12, 12)]
+    rising = [make_run(d, 3.0 + 0.01 * d, seed=i) for i, d in enumerate((3, 6, 12, 12))]
     out = ev.evaluate_sweep(rising, task=None)
     assert out["value"] < 1e-6 and "does not fall with depth" in out["note"]

@@ -58,9 +58,9 @@ def test_bench_writes_a_consistent_record(cli, tmp_path):
     assert "× plain" in r.stdout and "tokens/s" in r.stdout and "GFLOP/s" in r.stdout
 
 
-def test_bench_bad_input_gets_one_line(cli, tmp_path):
-    r = cli("bench", "--parts", "sweep,sequnce", "--out", tmp_path / "b.json")
+def test_bench_bad_input_gets_one_line(main, tmp_path):
+    r = main("bench", "--parts", "sweep,sequnce", "--out", tmp_path / "b.json")
     assert r.returncode == 2 and "sequence" in r.stderr and len(r.stderr.strip().splitlines()) == 1
-    r = cli("bench", "--steps", "1", "--out", tmp_path / "b.json")
+    r = main("bench", "--steps", "1", "--out", tmp_path / "b.json")
     assert r.returncode == 2 and "--steps 1" in r.stderr
     assert not (tmp_path / "b.json").exists()

@@ -149,7 +149,7 @@ def test_xformers_backend_falls_back_to_sdpa_off_cuda():
 @pytest.mark.parametrize("task", ["teacher-student", "lm-char"])
 def test_every_block_trains_on_every_builtin_task(name, task, tmp_path):
     from archbench.config import EvalSpec
-from archbench.sweep import run_eval
+    from archbench.sweep import run_eval
 
     spec = EvalSpec(block=name, task=task, preset="smoke", depths=[3, 4], device="cpu", runs_dir=str(tmp_path),
                     sets={"train": {"steps": "8", "log_every": "4"}, "model": {"width": "16"}})

@@ -54,8 +54,8 @@ def test_smoke_preset_end_to_end_then_cached(cli, tmp_path):
 def test_interrupted_sweep_resumes(tmp_path):
     runs = tmp_path / "runs"
     args = [sys.executable, "-m", "archbench", "eval", "--preset", "smoke", "--depths", "1,2,3", "--engine", "plain",
-            "--set", "train.steps=400", "--set", "train.checkpoint_every=100", "--runs-dir", str(runs),
-            "--out", str(tmp_path / "r.json")]
+            "--set", "train.steps=400", "--set", "train.checkpoint_every=100", "--set", "train.batch_size=64",
+            "--runs-dir", str(runs), "--out", str(tmp_path / "r.json")]
     proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 240
     records = runs / "records"
@@ -200,8 +200,8 @@ def test_recurrence_sweeps_iterations_at_fixed_parameters(cli, tmp_path):
     assert "Traceback" not in bad.stderr and "recurrent-depth" in bad.stderr
 
 
-def test_a_depth_the_block_cannot_have_is_refused_before_training(cli, tmp_path):
-    r = cli("eval", "--block", "recurrent-depth", "--depths", "3,4,6", "--set", "block.core=2",
+def test_a_depth_the_block_cannot_have_is_refused_before_training(main, tmp_path):
+    r = main("eval", "--block", "recurrent-depth", "--depths", "3,4,6", "--set", "block.core=2",
             "--runs-dir", tmp_path / "runs")
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert "recurrent-depth cannot have effective depth 3" in r.stderr and "4, 6, 8" in r.stderr

@@ -9,12 +9,14 @@ from archbench.config import EvalSpec
 from archbench.sweep import run_eval
 
 
-def run(vary, depth, solved, seed=0):
-    return {"vary": vary, "effective_depth": depth, "depth": depth, "seed": seed, "solved": solved,
-            "final_loss": 0.1 if solved else 1.0, "status": "ok"}
+@pytest.fixture
+def run(make_run):
+    def make(vary, depth, solved, seed=0):
+        return make_run(depth, 0.1 if solved else 1.0, seed=seed, solved=solved, vary=vary)
+    return make
 
 
-def test_smallest_solving_depth_per_difficulty_and_layers_per_step():
+def test_smallest_solving_depth_per_difficulty_and_layers_per_step(run):
     ev = EVALUATORS.get("depth-to-solve").obj()
     runs = []
     need = {1: 1, 2: 3, 4: 5, 8: None}  # the depth from which each k is solved
@@ -29,7 +31,7 @@ def test_smallest_solving_depth_per_difficulty_and_layers_per_step():
     assert out["difficulties"][3]["max_depth_tried"] == 8
 
 
-def test_seed_fraction_and_non_monotone_depths():
+def test_seed_fraction_and_non_monotone_depths(run):
     ev = EVALUATORS.get("depth-to-solve").obj(min_fraction=1.0)
     runs = [run({}, 2, True, 0), run({}, 2, False, 1), run({}, 4, True, 0), run({}, 4, True, 1),
             run({}, 6, False, 0), run({}, 6, False, 1)]
@@ -74,11 +76,11 @@ def test_grid_over_a_task_knob_end_to_end_then_cached(cli, tmp_path):
     assert "alpha_ell (k=1): not fitted" in again.stdout
 
 
-def test_bad_sweeps_and_evaluators_get_one_line(cli, tmp_path):
-    r = cli("eval", "--preset", "smoke", "--evaluators", "depth-to-solve", "--runs-dir", tmp_path)
+def test_bad_sweeps_and_evaluators_get_one_line(main, tmp_path):
+    r = main("eval", "--preset", "smoke", "--evaluators", "depth-to-solve", "--runs-dir", tmp_path)
     assert r.returncode == 2 and "task 'teacher-student' has no notion of solved" in r.stderr
-    r = cli("eval", "--preset", "smoke", "--set", "alpha-ell.floor=0,1", "--runs-dir", tmp_path)
+    r = main("eval", "--preset", "smoke", "--set", "alpha-ell.floor=0,1", "--runs-dir", tmp_path)
     assert r.returncode == 2 and "one value expected here, not a sweep" in r.stderr
-    r = cli("eval", "--task", "k-hop", "--preset", "smoke", "--set", "task.k=1,x", "--runs-dir", tmp_path)
+    r = main("eval", "--task", "k-hop", "--preset", "smoke", "--set", "task.k=1,x", "--runs-dir", tmp_path)
     assert r.returncode == 2 and "task.k='x' is not a valid int" in r.stderr
     assert "Traceback" not in r.stderr

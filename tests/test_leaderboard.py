@@ -11,15 +11,13 @@ SMOKE = ["--preset", "smoke", "--set", "train.steps=40"]
 
 
 @pytest.fixture(scope="module")
-def swept(tmp_path_factory):
+def swept(tmp_path_factory, cli):
     """Two smoke sweeps with the regime evidence: residual-mlp and rezero."""
-    from conftest import run_cli
-
     root = tmp_path_factory.mktemp("lb")
     results = {}
     for block in ("residual-mlp", "rezero"):
         out = root / f"{block}.json"
-        r = run_cli("eval", "--block", block, *SMOKE, "--evaluators", "alpha-ell,regime", "--runs-dir", root / "runs",
+        r = cli("eval", "--block", block, *SMOKE, "--evaluators", "alpha-ell,regime", "--runs-dir", root / "runs",
                     "--out", out)
         assert r.returncode == 0, r.stderr
         results[block] = json.loads(out.read_text())
@@ -60,7 +58,7 @@ def test_tables_match_the_evaluators_and_trace_to_records(cli, swept, tmp_path):
         assert t["records"].split(";") == rows[t["block"]]["records"]
 
 
-def test_bad_records_are_reported_and_nothing_published_is_lost(cli, swept, tmp_path):
+def test_bad_records_are_reported_and_nothing_published_is_lost(main, swept, tmp_path):
     root, _ = swept
     runs = tmp_path / "runs"
     shutil.copytree(root / "runs", runs)
@@ -72,7 +70,7 @@ def test_bad_records_are_reported_and_nothing_published_is_lost(cli, swept, tmp_
     data["depth"] = "twelve"
     victim.write_text(json.dumps(data))
     out = tmp_path / "lb"
-    r = cli("leaderboard", "--runs-dir", runs, "--out", out)
+    r = main("leaderboard", "--runs-dir", runs, "--out", out)
     assert r.returncode == 0, r.stderr
     for name, why in (("broken.json", "unreadable"), ("foreign.json", "record_version None"),
                       (victim.name, "'depth' has the wrong type")):
@@ -89,17 +87,17 @@ def test_bad_records_are_reported_and_nothing_published_is_lost(cli, swept, tmp_
         if row["block"] == "rezero":
             for key in row["records"]:
                 shutil.copy(records / f"{key}.json", only / "records")
-    r = cli("leaderboard", "--runs-dir", only, "--out", out)
+    r = main("leaderboard", "--runs-dir", only, "--out", out)
     assert r.returncode == 0, r.stderr
     after = json.loads(table.read_text())["rows"]
     assert {row["id"] for row in after} == {row["id"] for row in before}
 
     # a table file that is not one is never overwritten
     table.write_text("[1, 2]")
-    r = cli("leaderboard", "--runs-dir", only, "--out", out)
+    r = main("leaderboard", "--runs-dir", only, "--out", out)
     assert r.returncode == 1 and "not an archbench leaderboard table" in r.stderr
     assert table.read_text() == "[1, 2]"
-    r = cli("leaderboard", "--runs-dir", tmp_path / "nowhere", "--out", tmp_path / "x")
+    r = main("leaderboard", "--runs-dir", tmp_path / "nowhere", "--out", tmp_path / "x")
     assert r.returncode == 1 and "no run records" in r.stderr
 
 
@@ -115,7 +113,7 @@ def _rewrite(path, change):
     return data
 
 
-def test_rows_at_other_versions_are_left_out_and_other_source_is_noted(cli, swept, tmp_path):
+def test_rows_at_other_versions_are_left_out_and_other_source_is_noted(main, swept, tmp_path):
     root, _ = swept
     runs = tmp_path / "runs"
     shutil.copytree(root / "runs", runs)
@@ -125,14 +123,14 @@ def test_rows_at_other_versions_are_left_out_and_other_source_is_noted(cli, swep
             _rewrite(path, lambda d: d["spec"].update(block_version=0))
         else:  # trained by a refactored residual-mlp: other source, same version
             _rewrite(path, lambda d: d["source"].update(block="0123456789abcdef"))
-    r = cli("leaderboard", "--runs-dir", runs, "--out", tmp_path / "now")
+    r = main("leaderboard", "--runs-dir", runs, "--out", tmp_path / "now")
     assert r.returncode == 0, r.stderr
     assert "trained at block 'rezero' version 0 (now 1); --all-versions keeps it" in r.stderr
     notes = [line for line in r.stderr.splitlines() if line.startswith("note:")]
     assert len(notes) == 1 and "residual-mlp" in notes[0] and "other source of its block" in notes[0], r.stderr
     (table,) = (tmp_path / "now").glob("*.json")
     assert {row["block"] for row in json.loads(table.read_text())["rows"]} == {"residual-mlp"}
-    r = cli("leaderboard", "--runs-dir", runs, "--out", tmp_path / "all", "--all-versions")
+    r = main("leaderboard", "--runs-dir", runs, "--out", tmp_path / "all", "--all-versions")
     assert r.returncode == 0 and "version 0" not in r.stderr
     (table,) = (tmp_path / "all").glob("*.json")
     assert {row["block"] for row in json.loads(table.read_text())["rows"]} == {"residual-mlp", "rezero"}

@@ -292,7 +292,7 @@ def test_eval_runs_the_measurement_suite_end_to_end(cli, tmp_path):
     r = cli(*base, "--evaluators", "regime,layer-correspondence", "--out", out)
     assert r.returncode == 0, r.stderr
     res = json.loads(out.read_text())
-    assert res["config"]["evaluators"] == ["layer-similarity", "skip-sensitivity", "regime", "layer-correspondence"]
+    assert list(res["config"]["evaluators"]) == ["layer-similarity", "skip-sensitivity", "regime", "layer-correspondence"]
     reg = res["metrics"]["regime"]
     assert reg["regime"] in ("compositional", "procedural", "ensemble-averaging", "undetermined") and reg["reasons"]
     assert reg["evidence"]["evidence_depth"] == 4 and reg["evidence"]["alpha"] is not None

@@ -79,29 +79,29 @@ def test_comma_values_are_sweeps_except_for_list_knobs():
     assert r.describe_type() == "int,..."
 
 
-def test_cli_list_filters_and_describes(cli):
-    r = cli("list", "blocks", "residual*")
+def test_cli_list_filters_and_describes(main):
+    r = main("list", "blocks", "residual*")
     assert r.returncode == 0, r.stderr
     assert "residual-mlp" in r.stdout and "Attention-free" in r.stdout
-    r = cli("list", "tasks", "teacher*")
+    r = main("list", "tasks", "teacher*")
     assert "teacher-student" in r.stdout and "lm-char" not in r.stdout
-    r = cli("list", "blocks", "-v", "recurrent-depth", "hrm")  # names after the flag, knobs, citations
+    r = main("list", "blocks", "-v", "recurrent-depth", "hrm")  # names after the flag, knobs, citations
     assert r.returncode == 0, r.stderr
     rows = [line.split()[0] for line in r.stdout.splitlines()[1:] if line[:1].strip()]
     assert rows == ["recurrent-depth", "hrm"]
     assert "k_bptt: int|None = None [1, 16]" in r.stdout and "Geiping et al. 2025" in r.stdout
-    assert cli("list", "blocks", "-v", "--bogus").returncode == 2
+    assert main("list", "blocks", "-v", "--bogus").returncode == 2
 
 
-def test_cli_unknown_names_exit_2_with_one_line(cli):
-    r = cli("list", "blokcs")
+def test_cli_unknown_names_exit_2_with_one_line(main):
+    r = main("list", "blokcs")
     assert r.returncode == 2 and r.stderr.strip().count("\n") == 0 and "did you mean 'blocks'" in r.stderr
-    r = cli("eval", "--block", "residul", "--preset", "smoke")
+    r = main("eval", "--block", "residul", "--preset", "smoke")
     assert r.returncode == 2, r.stderr
     assert r.stderr.strip().count("\n") == 0 and "'residual'" in r.stderr and "Traceback" not in r.stderr
-    r = cli("eval", "--task", "teacher-student", "--preset", "smok")
+    r = main("eval", "--task", "teacher-student", "--preset", "smok")
     assert r.returncode == 2 and "did you mean 'smoke'" in r.stderr
-    r = cli("eval", "--preset", "smoke", "--set", "train.stesp=10")
+    r = main("eval", "--preset", "smoke", "--set", "train.stesp=10")
     assert r.returncode == 2 and "train.steps" in r.stderr
 
 

@@ -122,7 +122,7 @@ def test_bad_csv_contents_name_file_column_and_line(tmp_path, text, message):
 
 
 @pytest.mark.parametrize("case", ["missing column", "negative loss", "not a file"])
-def test_cli_bad_csv_is_one_line_error(cli, tmp_path, case):
+def test_cli_bad_csv_is_one_line_error(main, tmp_path, case):
     path = tmp_path / "runs.csv"
     if case == "missing column":
         path.write_text("\n".join(line.rsplit(",", 1)[0] for line in BUNDLED) + "\n")
@@ -130,7 +130,7 @@ def test_cli_bad_csv_is_one_line_error(cli, tmp_path, case):
         path.write_text("\n".join(BUNDLED[:2] + [BUNDLED[2].replace("4.665232074214", "-4.6")] + BUNDLED[3:]) + "\n")
     else:
         path = tmp_path
-    r = cli("fit-scaling", "--csv", path, "--bootstrap", 0, "--no-sensitivity")
+    r = main("fit-scaling", "--csv", path, "--bootstrap", 0, "--no-sensitivity")
     assert r.returncode != 0 and r.stdout == ""
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("archbench: error:") and str(path) in lines[0], r.stderr

@@ -2,7 +2,6 @@
 
 import pytest
 
-from archbench.records import RunRecord
 from archbench.registry import TASKS
 from archbench.search import intermediate_value, objective_value
 
@@ -13,14 +12,7 @@ def _run(depth, loss, later=None):
             "metrics": metrics}
 
 
-def _record(depth, loss) -> RunRecord:
-    """A finished run as the sweep hands it to the pruner's callback."""
-    return RunRecord(key=f"k{depth}", spec={}, depth=depth, effective_depth=depth, seed=0, status="ok",
-                     final_loss=loss, params=1, eval={}, metrics={}, solved=None, failure=None, steps_done=1,
-                     history=[], wall_s=0.0, source={}, env={}, engine={}, finished="")
-
-
-def test_objective_values_on_known_results():
+def test_objective_values_on_known_results(make_run):
     runs = [_run(4, 0.4), _run(8, 0.2, [0.2, 0.6, 0.0]), _run(8, 0.3, [0.1, 0.1, 0.2])]
     result = {"runs": runs, "metrics": {"alpha-ell": {"value": 1.3},
                                         "depth-to-solve": {"difficulties": [
@@ -32,7 +24,7 @@ def test_objective_values_on_known_results():
     assert objective_value("redundancy", result) == pytest.approx(1 - 1.2 / 6)
     # the pruner's intermediate alpha on two depths of an exact power law is its exponent
     task = TASKS.get("teacher-student").obj
-    power = [_record(d, 3.0 * d ** -1.7) for d in (2, 4)]
+    power = [make_run(d, 3.0 * d ** -1.7) for d in (2, 4)]
     assert intermediate_value("alpha", power[:1], task) is None
     assert intermediate_value("alpha", power, task) == pytest.approx(1.7, abs=1e-6)
     assert intermediate_value("loss", power, task) == pytest.approx(3.0 * 4 ** -1.7)
