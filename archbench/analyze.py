@@ -25,12 +25,12 @@ from typing import Any
 
 import torch
 from rich.console import Console
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from archbench.env import environment, resolve_device
 from archbench.errors import UsageError, unknown
 from archbench.hf import HFStreamModel, load_hf_model
 from archbench.knobs import resolve
+from archbench.progress import Progress
 from archbench.records import atomic_write_text, digest
 from archbench.registry import EVALUATORS, Entry
 from archbench.tasks.hf_text import HFTextTask
@@ -131,20 +131,18 @@ def result_path(spec: AnalyzeSpec, config: dict) -> Path:
 def _measure(result: dict, entries: dict[str, Entry], knobs: dict, model: HFStreamModel, task: HFTextTask,
              path: Path, console: Console) -> None:
     """Run each evaluator whose metrics ``result`` lacks, saving ``result`` to ``path`` after each."""
-    columns = [TextColumn("{task.description}"), BarColumn(), TextColumn("{task.percentage:>3.0f}%"),
-               TimeElapsedColumn()]
-    with Progress(*columns, console=console, transient=True) as progress:
+    with Progress(console) as progress:
         for name, entry in entries.items():
             if name in result["metrics"]:
                 console.print(f"{name}: reusing the result in {path}")
                 continue
             ev = entry.obj(**knobs[name])
-            bar = progress.add_task(name, total=1.0)
-            ev.on_progress = lambda frac, bar=bar: progress.update(bar, completed=frac)
+            bar = progress.add(name, total=100, unit="percent")
+            ev.on_progress = lambda frac, bar=bar: progress.update(bar, completed=100 * frac)
             t = time.perf_counter()
             result["metrics"][name] = ev.evaluate_model(model, task)
             result["timing_s"][name] = round(time.perf_counter() - t, 2)
-            progress.remove_task(bar)
+            progress.remove(bar)
             _save(path, result)  # an interrupted analysis resumes after the last finished evaluator
 
 
