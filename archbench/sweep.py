@@ -71,8 +71,12 @@ class Sweep:
         self.device = resolve_device(spec.device)
         self.store = RunStore(spec.runs_dir)
         self.env = environment(self.device)
-        self.runs = [Run(vary, c, d, s, sp := run_spec(self.block, self.task_entry, c, d, s), digest(sp))
-                     for vary, c in self.points for d in self.config.depths for s in range(self.config.seeds)]
+        self.runs = []
+        for vary, c in self.points:
+            for depth in self.config.depths:
+                for seed in range(self.config.seeds):
+                    determinants = run_spec(self.block, self.task_entry, c, depth, seed)
+                    self.runs.append(Run(vary, c, depth, seed, determinants, digest(determinants)))
         self._tasks: dict[str, Any] = {}
 
     def run(self, on_run=None) -> dict:
