@@ -121,6 +121,9 @@ def collect(runs_dir: Path, here: Path, tasks: list[str], storage: str | None = 
 def tables(here: Path, tasks: list[str]) -> list[str]:
     """Build every published table from the committed records under ``here/records``, rows labelled with
     the committed studies; returns what to tell the user."""
+    if not (here / "records").is_dir():
+        return [f"no committed run records in {here / 'records'}: nothing to rebuild (leaderboards/README.md says "
+                f"which tables predate them)"]
     studies = {p.stem: json.loads(p.read_text()) for p in sorted((here / "studies").glob("*.json"))}
     lines = []
     cwd = os.getcwd()
@@ -158,14 +161,14 @@ def main(argv=None) -> int:
                 spec = buildable(EvalSpec(block=block, task=task, preset="quick", sets=sets, evaluators=evaluators,
                                           device=args.device, runs_dir=args.runs_dir, plots=False))
                 run_eval(spec, console=err)
-    spec = SearchSpec(task="teacher-student", trials=args.trials, study=STUDY, preset="quick",
-                      sets={"train": {"steps": str(args.search_steps)}}, workers=args.workers,
-                      device=args.device, runs_dir=args.runs_dir)
+    search = SearchSpec(task="teacher-student", trials=args.trials, study=STUDY, preset="quick",
+                        sets={"train": {"steps": str(args.search_steps)}}, workers=args.workers,
+                        device=args.device, runs_dir=args.runs_dir)
     if args.only in (None, "search", "promote"):
-        result = run_search(spec, console=err, on_trial=lambda t: err.print(f"trial {t.number}: {t.state.name}"))
+        result = run_search(search, console=err, on_trial=lambda t: err.print(f"trial {t.number}: {t.state.name}"))
         if args.only == "search":
             return 0
-        for row in promoted(result, spec.study_name, spec.storage_url):
+        for row in promoted(result, search.study_name, search.storage_url):
             ev = row["eval"]
             sets = {s: kv for s, kv in ev["sets"].items() if s != "train"}  # the full quick training budget
             err.rule(f"search trial {row['number']} ({ev['block']}) at the quick preset")
@@ -173,7 +176,7 @@ def main(argv=None) -> int:
                               evaluators=["alpha-ell", "regime"], device=args.device, runs_dir=args.runs_dir,
                               plots=False), console=err)
     if args.only in (None, "collect"):
-        collect(Path(args.runs_dir), HERE, [task for task, _, _ in SWEEPS.values()], spec.storage_url)
+        collect(Path(args.runs_dir), HERE, [task for task, _, _ in SWEEPS.values()], search.storage_url)
     if args.only in (None, "tables"):
         for line in tables(HERE, sorted({task for task, _, _ in SWEEPS.values()})):
             err.print(line, markup=False, soft_wrap=True)
