@@ -5,11 +5,7 @@ import sys
 import pytest
 import torch
 
-# The cores are shared among pytest-xdist's workers (scripts/test runs two on CI's two cores): one
-# thread each, so that two workers do not oversubscribe two cores.
-THREADS = max(1, min(2, os.cpu_count() or 1) // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")))
-torch.set_num_threads(THREADS)
-os.environ.setdefault("OMP_NUM_THREADS", str(THREADS))  # and in the archbench processes the tests start
+torch.set_num_threads(min(2, os.cpu_count() or 1))  # CI has two shared cores
 
 
 def run_cli(*args, cwd=None, timeout=300, env=None):
