@@ -81,11 +81,12 @@ class Sweep:
 
     def run(self, on_run=None) -> dict:
         records = []
+        found = {run.key: self.store.load(run.key) for run in self.runs}  # each record read and checked once
         with Progress(self.console) as progress:
-            fresh = {} if self.spec.engine == "plain" else self.train_together(progress)
+            fresh = {} if self.spec.engine == "plain" else self.train_together(found, progress)
             bar = progress.add("sweep", total=len(self.runs), unit="run")
             for run in self.runs:
-                record, model = self.record_of(run, fresh, progress)
+                record, model = self.record_of(run, found, fresh, progress)
                 records.append(self.measure(record, model, run))
                 progress.update(bar, advance=1)
                 if on_run is not None:
@@ -102,11 +103,12 @@ class Sweep:
             self._tasks[key] = make_task(self.task_entry, config.task, self.device)
         return self._tasks[key]
 
-    def record_of(self, run: Run, fresh: dict, progress: Progress) -> tuple[RunRecord, StreamModel | None]:
+    def record_of(self, run: Run, found: dict, fresh: dict,
+                  progress: Progress) -> tuple[RunRecord, StreamModel | None]:
         """The run's record (trained now if it has none) and its model if it is in memory."""
         if run.key in fresh:
             record, model = fresh[run.key]
-        elif (record := self.store.load(run.key)) is not None:
+        elif (record := found[run.key]) is not None:
             record.cached, model = True, None
         else:
             record, model = self.train_one(run, progress)
@@ -127,14 +129,14 @@ class Sweep:
         ckpt.unlink(missing_ok=True)
         return record, model
 
-    def train_together(self, progress: Progress) -> dict[str, tuple[RunRecord, StreamModel]]:
+    def train_together(self, found: dict, progress: Progress) -> dict[str, tuple[RunRecord, StreamModel]]:
         """Train the uncached runs with the batched engine, one batch per training budget; returns
         {key: (record, model)}. Runs it cannot batch are left to the plain loop (with a note why)."""
         from archbench.batched import Job, NotBatchable, train_batched
 
         budgets: dict[str, list[Run]] = {}
         for run in self.runs:
-            if self.store.load(run.key) is None:
+            if found[run.key] is None:
                 budget = digest({k: v for k, v in run.config.train.items() if k != "lr"})  # lr differences group
                 budgets.setdefault(budget, []).append(run)
         fresh = {}
