@@ -273,13 +273,16 @@ def migrate(store: RunStore) -> int:
         new = migrate_record(old)
         if new is None:
             continue
-        for suffix in (".pt", ".ckpt.pt"):
-            src = path.with_name(path.stem + suffix)
-            if src.exists():
-                os.replace(src, store.dir / f"{new['key']}{suffix}")
-        write_json(store.record_path(new["key"]), new)
-        if new["key"] != path.stem:
-            path.unlink(missing_ok=True)
+        try:
+            for suffix in (".pt", ".ckpt.pt"):
+                src = path.with_name(path.stem + suffix)
+                if src.exists():
+                    os.replace(src, store.dir / f"{new['key']}{suffix}")
+            write_json(store.record_path(new["key"]), new)
+            if new["key"] != path.stem:
+                path.unlink(missing_ok=True)
+        except OSError:
+            continue  # a read-only store (a leaderboard reading it): left as it is, skipped as version 1
         moved += 1
     try:
         atomic_write_text(marker, f"{RECORD_VERSION}\n")
