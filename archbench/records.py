@@ -273,12 +273,12 @@ def migrate(store: RunStore) -> int:
         new = migrate_record(old)
         if new is None:
             continue
-        try:
+        try:  # the new record first: where it cannot be written, nothing has moved
+            write_json(store.record_path(new["key"]), new)
             for suffix in (".pt", ".ckpt.pt"):
                 src = path.with_name(path.stem + suffix)
                 if src.exists():
                     os.replace(src, store.dir / f"{new['key']}{suffix}")
-            write_json(store.record_path(new["key"]), new)
             if new["key"] != path.stem:
                 path.unlink(missing_ok=True)
         except OSError:
