@@ -16,8 +16,19 @@ from rich.progress import BarColumn, MofNCompleteColumn, ProgressColumn, TextCol
 from rich.progress import Progress as _Rich
 from rich.text import Text
 
-# seconds between progress lines when the output is not a terminal
-EVERY_S = float(os.environ.get("ARCHBENCH_PROGRESS_EVERY", "10"))
+from archbench.errors import UsageError
+
+
+def every_s() -> float:
+    """Seconds between progress lines when the output is not a terminal: $ARCHBENCH_PROGRESS_EVERY, else 10."""
+    raw = os.environ.get("ARCHBENCH_PROGRESS_EVERY", "10")
+    try:
+        value = float(raw)
+    except ValueError:
+        value = -1.0
+    if not value >= 0:
+        raise UsageError(f"ARCHBENCH_PROGRESS_EVERY={raw!r}: expected a number of seconds >= 0, like 10")
+    return value
 
 
 class _Speed(ProgressColumn):
@@ -43,7 +54,7 @@ class Progress:
 
     def __init__(self, console: Console, every: float | None = None):
         self.console = console
-        self.every = EVERY_S if every is None else every
+        self.every = every_s() if every is None else every
         self.live = console.is_terminal
         self._rich = _Rich(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), _Speed(),
                            TextColumn("{task.fields[info]}"), TimeElapsedColumn(), console=console,

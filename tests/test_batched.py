@@ -94,37 +94,39 @@ def test_a_diverging_run_fails_alone(tmp_path):
         assert out[i].status == "ok" and out[i].final_loss == pytest.approx(ref.final_loss, rel=RTOL)
 
 
-def test_unbatchable_runs_fall_back_to_the_plain_loop_or_are_refused(cli, tmp_path):
+def test_unbatchable_runs_fall_back_to_the_plain_loop_or_are_refused(main, tmp_path):
     # drop_path draws random numbers in training: vmap cannot reproduce the plain loop's draws
     args = ["eval", "--block", "residual", "--preset", "smoke", "--depths", "2,3", "--set", "train.steps=5",
             "--set", "block.drop_path=0.1", "--evaluators", "alpha-ell"]
-    r = cli(*args, "--runs-dir", tmp_path / "a", "--out", tmp_path / "a.json")
+    r = main(*args, "--runs-dir", tmp_path / "a", "--out", tmp_path / "a.json")
     assert r.returncode == 0, r.stderr
     assert "training one run at a time: the model cannot be vmapped" in r.stderr
     recs = _records(tmp_path / "a")
     assert len(recs) == 2 and all(rec["engine"] == {"name": "plain"} for rec in recs.values())
-    r = cli(*args, "--engine", "batched", "--runs-dir", tmp_path / "b", "--out", tmp_path / "b.json")
+    r = main(*args, "--engine", "batched", "--runs-dir", tmp_path / "b", "--out", tmp_path / "b.json")
     assert r.returncode == 2 and "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
     assert "--engine batched: these runs cannot be trained together" in r.stderr and "--engine plain" in r.stderr
     assert not list((tmp_path / "b").glob("records/*.json"))
 
 
-def test_killed_batch_resumes_to_the_same_losses(tmp_path):
+def test_killed_batch_resumes_to_the_same_losses(main, tmp_path):
     def args(runs):
-        return [sys.executable, "-m", "archbench", "eval", "--preset", "smoke", "--depths", "1,2",
-                "--set", "train.steps=600", "--set", "train.checkpoint_every=100", "--evaluators", "alpha-ell",
+        return ["eval", "--preset", "smoke", "--depths", "1,2", "--set", "train.steps=300",
+                "--set", "train.checkpoint_every=50", "--evaluators", "alpha-ell",
                 "--runs-dir", str(runs), "--out", str(runs / "r.json")]
 
-    proc = subprocess.Popen(args(tmp_path / "killed"), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    # a process of its own, killed as hard as a crash once the batch's first checkpoint is written
+    proc = subprocess.Popen([sys.executable, "-m", "archbench", *args(tmp_path / "killed")],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     records = tmp_path / "killed" / "records"
     deadline = time.time() + 240
     while time.time() < deadline and not list(records.glob("batch-*.ckpt.pt")):
-        time.sleep(0.1)
+        time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert list(records.glob("batch-*.ckpt.pt")) and not list(records.glob("*.json")), "killed mid-batch"
     for runs in (tmp_path / "killed", tmp_path / "whole"):
-        done = subprocess.run(args(runs), capture_output=True, text=True, timeout=300)
+        done = main(*args(runs))
         assert done.returncode == 0, done.stderr
     assert not list(records.glob("*.ckpt.pt"))
     _same(_records(tmp_path / "killed"), _records(tmp_path / "whole"))

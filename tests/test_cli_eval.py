@@ -14,9 +14,9 @@ import torch
 README = Path(__file__).resolve().parents[1] / "README.md"
 
 
-def test_smoke_preset_end_to_end_then_cached(cli, tmp_path):
+def test_smoke_preset_end_to_end_then_cached(main, tmp_path):
     out = tmp_path / "result.json"
-    r = cli("eval", "--preset", "smoke", "--runs-dir", tmp_path / "runs", "--out", out)
+    r = main("eval", "--preset", "smoke", "--runs-dir", tmp_path / "runs", "--out", out)
     assert r.returncode == 0, r.stderr
     assert "alpha_ell =" in r.stdout
     res = json.loads(out.read_text())
@@ -37,7 +37,7 @@ def test_smoke_preset_end_to_end_then_cached(cli, tmp_path):
     assert len(records) == 3 and not list((tmp_path / "runs" / "records").glob("*.ckpt.pt"))
 
     # The same command again trains nothing and gives the same numbers.
-    r2 = cli("eval", "--preset", "smoke", "--runs-dir", tmp_path / "runs", "--out", out)
+    r2 = main("eval", "--preset", "smoke", "--runs-dir", tmp_path / "runs", "--out", out)
     assert r2.returncode == 0, r2.stderr
     res2 = json.loads(out.read_text())
     assert all(run["cached"] for run in res2["runs"])
@@ -45,22 +45,23 @@ def test_smoke_preset_end_to_end_then_cached(cli, tmp_path):
     assert "depth   2 seed 0: loss" not in r2.stderr  # no run lines: nothing trained
 
     # A changed knob is a different run.
-    r3 = cli("eval", "--preset", "smoke", "--depths", "2", "--set", "task.temperature=0.5",
+    r3 = main("eval", "--preset", "smoke", "--depths", "2", "--set", "task.temperature=0.5",
              "--runs-dir", tmp_path / "runs", "--out", tmp_path / "t.json")
     assert r3.returncode == 0, r3.stderr
     assert not json.loads((tmp_path / "t.json").read_text())["runs"][0]["cached"]
 
 
-def test_interrupted_sweep_resumes(tmp_path):
+def test_interrupted_sweep_resumes(main, tmp_path):
     runs = tmp_path / "runs"
-    args = [sys.executable, "-m", "archbench", "eval", "--preset", "smoke", "--depths", "1,2,3", "--engine", "plain",
-            "--set", "train.steps=400", "--set", "train.checkpoint_every=100", "--set", "train.batch_size=64",
-            "--runs-dir", str(runs), "--out", str(tmp_path / "r.json")]
-    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    args = ["eval", "--preset", "smoke", "--depths", "1,2,3", "--engine", "plain", "--set", "train.steps=200",
+            "--set", "train.checkpoint_every=50", "--set", "train.batch_size=64", "--runs-dir", str(runs),
+            "--out", str(tmp_path / "r.json")]
+    proc = subprocess.Popen([sys.executable, "-m", "archbench", *args], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
     deadline = time.time() + 240
     records = runs / "records"
     while time.time() < deadline and len(list(records.glob("*.json"))) < 1:
-        time.sleep(0.2)
+        time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)  # as hard as a crash or a lost machine
     proc.wait()
     first = sorted(records.glob("*.json"))
@@ -68,7 +69,7 @@ def test_interrupted_sweep_resumes(tmp_path):
     mtime = first[0].stat().st_mtime_ns
     assert not list(records.glob(".*.tmp")), "a killed sweep must leave no partial record"
 
-    done = subprocess.run(args, capture_output=True, text=True, timeout=300)
+    done = main(*args)
     assert done.returncode == 0, done.stderr
     res = json.loads((tmp_path / "r.json").read_text())
     assert [r["cached"] for r in res["runs"]] == [True, False, False]
@@ -83,18 +84,18 @@ def readme_example() -> str:
     return block.group(1)
 
 
-def test_readme_block_example_runs(cli, tmp_path):
+def test_readme_block_example_runs(main, tmp_path):
     code = readme_example()
     assert len(code.strip().splitlines()) < 20 + 2  # under 20 lines, not counting the filename comment
     (tmp_path / "my_block.py").write_text(code)
     cmd = re.search(r"archbench eval --plugins my_block.py[^\n]*", README.read_text()).group(0).split()[1:]
-    r = cli(*cmd, "--depths", "1,2", "--set", "train.steps=30", "--runs-dir", tmp_path / "runs",
+    r = main(*cmd, "--depths", "1,2", "--set", "train.steps=30", "--runs-dir", tmp_path / "runs",
             "--out", tmp_path / "r.json", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     res = json.loads((tmp_path / "r.json").read_text())
     assert res["block"] == "gated-mlp" and res["config"]["block"] == {"hidden": 128}
     assert all(run["status"] == "ok" for run in res["runs"])
-    listed = cli("list", "blocks", "--plugins", tmp_path / "my_block.py")
+    listed = main("list", "blocks", "--plugins", tmp_path / "my_block.py")
     assert "gated-mlp" in listed.stdout and "learned per-channel gate" in listed.stdout
 
 
@@ -102,16 +103,16 @@ def test_readme_block_example_runs(cli, tmp_path):
     ("import torch\nraise RuntimeError('boom')\n", "failed to import: RuntimeError: boom (line 2)"),
     ("def broken(:\n", "failed to import: SyntaxError"),
 ])
-def test_broken_plugin_file_gets_one_line(cli, tmp_path, source, message):
+def test_broken_plugin_file_gets_one_line(main, tmp_path, source, message):
     f = tmp_path / "bad_plugin.py"
     f.write_text(source)
-    r = cli("list", "blocks", "--plugins", f)
+    r = main("list", "blocks", "--plugins", f)
     assert r.returncode == 1
     assert r.stderr.strip().count("\n") == 0 and "bad_plugin.py" in r.stderr and message in r.stderr
     assert "Traceback" not in r.stderr
 
 
-def test_wrong_shape_block_and_missing_plugin_get_one_line(cli, tmp_path):
+def test_wrong_shape_block_and_missing_plugin_get_one_line(main, tmp_path):
     f = tmp_path / "shape.py"
     f.write_text(
         "import torch, archbench\n"
@@ -121,15 +122,15 @@ def test_wrong_shape_block_and_missing_plugin_get_one_line(cli, tmp_path):
         "        super().__init__(); self.lin = torch.nn.Linear(dim, dim + 1)\n"
         "    def forward(self, x):\n"
         "        return self.lin(x)\n")
-    r = cli("eval", "--plugins", f, "--block", "widen", "--preset", "smoke", "--runs-dir", tmp_path / "runs")
+    r = main("eval", "--plugins", f, "--block", "widen", "--preset", "smoke", "--runs-dir", tmp_path / "runs")
     assert r.returncode == 1 and r.stderr.strip().count("\n") == 0, r.stderr
     assert "block 'widen' (layer 0) returned shape (2, 1, 33), expected (2, 1, 32)" in r.stderr
-    r = cli("eval", "--plugins", tmp_path / "nope.py", "--preset", "smoke")
+    r = main("eval", "--plugins", tmp_path / "nope.py", "--preset", "smoke")
     assert r.returncode == 1 and "does not exist" in r.stderr
 
 
-def test_lm_char_smoke(cli, tmp_path):
-    r = cli("eval", "--task", "lm-char", "--block", "residual", "--preset", "smoke", "--depths", "1,2",
+def test_lm_char_smoke(main, tmp_path):
+    r = main("eval", "--task", "lm-char", "--block", "residual", "--preset", "smoke", "--depths", "1,2",
             "--runs-dir", tmp_path / "runs", "--out", tmp_path / "lm.json")
     assert r.returncode == 0, r.stderr
     res = json.loads((tmp_path / "lm.json").read_text())
@@ -137,7 +138,7 @@ def test_lm_char_smoke(cli, tmp_path):
     assert res["runs"][0]["final_loss"] < 4.7  # below the uniform loss over ~100 characters
 
 
-def test_model_evaluator_plugin_runs_on_fresh_and_cached_runs(cli, tmp_path):
+def test_model_evaluator_plugin_runs_on_fresh_and_cached_runs(main, tmp_path):
     """A per-model evaluator sees the trained model through the protocol; on cached runs the saved
     weights are reloaded (weights_only) so a new evaluator needs no retraining."""
     f = tmp_path / "final_norm.py"
@@ -152,9 +153,9 @@ def test_model_evaluator_plugin_runs_on_fresh_and_cached_runs(cli, tmp_path):
         "        t = archbench.trace(model, x)\n"
         "        return {'growth': (t.states[-1].norm() / t.states[0].norm()).item(), 'depth': len(t.states) - 1}\n")
     base = ["eval", "--preset", "smoke", "--depths", "1,3", "--set", "train.steps=20", "--runs-dir", tmp_path / "runs"]
-    r = cli(*base, "--out", tmp_path / "a.json")
+    r = main(*base, "--out", tmp_path / "a.json")
     assert r.returncode == 0, r.stderr
-    r = cli(*base, "--plugins", f, "--evaluators", "alpha-ell,stream-growth", "--out", tmp_path / "b.json")
+    r = main(*base, "--plugins", f, "--evaluators", "alpha-ell,stream-growth", "--out", tmp_path / "b.json")
     assert r.returncode == 0, r.stderr
     res = json.loads((tmp_path / "b.json").read_text())
     assert all(run["cached"] for run in res["runs"])
@@ -163,7 +164,7 @@ def test_model_evaluator_plugin_runs_on_fresh_and_cached_runs(cli, tmp_path):
     assert all(v["growth"] > 0 for v in per_run.values())
 
 
-def test_diverging_runs_are_recorded_as_failed_and_the_sweep_goes_on(cli, tmp_path):
+def test_diverging_runs_are_recorded_as_failed_and_the_sweep_goes_on(main, tmp_path):
     f = tmp_path / "unnormed.py"
     f.write_text(
         "import torch, archbench\n"
@@ -174,7 +175,7 @@ def test_diverging_runs_are_recorded_as_failed_and_the_sweep_goes_on(cli, tmp_pa
         "        super().__init__(); self.lin = torch.nn.Linear(dim, dim)\n"
         "    def forward(self, x):\n"
         "        return x + self.lin(x)\n")
-    r = cli("eval", "--plugins", f, "--block", "unnormed", "--preset", "smoke", "--depths", "4,8",
+    r = main("eval", "--plugins", f, "--block", "unnormed", "--preset", "smoke", "--depths", "4,8",
             "--set", "train.lr=1e8", "--set", "train.optimizer=sgd", "--set", "train.log_every=5",
             "--set", "model.zero_head=false", "--runs-dir", tmp_path / "runs", "--out", tmp_path / "r.json")
     assert r.returncode == 0, r.stderr
@@ -187,15 +188,15 @@ def test_diverging_runs_are_recorded_as_failed_and_the_sweep_goes_on(cli, tmp_pa
         assert res["alpha_ell"]["value"] is None
 
 
-def test_recurrence_sweeps_iterations_at_fixed_parameters(cli, tmp_path):
+def test_recurrence_sweeps_iterations_at_fixed_parameters(main, tmp_path):
     out = tmp_path / "r.json"
-    r = cli("eval", "--block", "recurrent-depth", "--recurrence", "1,3", "--preset", "smoke", "--set",
+    r = main("eval", "--block", "recurrent-depth", "--recurrence", "1,3", "--preset", "smoke", "--set",
             "train.steps=20", "--runs-dir", tmp_path / "runs", "--out", out)
     assert r.returncode == 0, r.stderr
     runs = json.loads(out.read_text())["runs"]
     assert [(run["depth"], run["effective_depth"]) for run in runs] == [(3, 3), (5, 5)]  # 1 + r + 1
     assert runs[0]["params"] == runs[1]["params"]
-    bad = cli("eval", "--block", "residual", "--recurrence", "2", "--runs-dir", tmp_path / "runs")
+    bad = main("eval", "--block", "residual", "--recurrence", "2", "--runs-dir", tmp_path / "runs")
     assert bad.returncode == 2 and "block 'residual' has no recurrence" in bad.stderr
     assert "Traceback" not in bad.stderr and "recurrent-depth" in bad.stderr
 
@@ -230,11 +231,11 @@ class Pairs(archbench.Stack):
 '''
 
 
-def test_a_users_stack_block_runs_from_a_plugin_file(cli, tmp_path):
+def test_a_users_stack_block_runs_from_a_plugin_file(main, tmp_path):
     f = tmp_path / "pairs.py"
     f.write_text(STACK_PLUGIN)
     out = tmp_path / "r.json"
-    r = cli("eval", "--plugins", f, "--block", "pairs", "--preset", "smoke", "--depths", "3,4",
+    r = main("eval", "--plugins", f, "--block", "pairs", "--preset", "smoke", "--depths", "3,4",
             "--set", "train.steps=10", "--set", "block.mix=0.2", "--runs-dir", tmp_path / "runs", "--out", out)
     assert r.returncode == 0, r.stderr
     runs = json.loads(out.read_text())["runs"]
@@ -242,9 +243,9 @@ def test_a_users_stack_block_runs_from_a_plugin_file(cli, tmp_path):
     assert runs[0]["params"] == runs[1]["params"]  # two modules either way
 
 
-def test_test_time_depth_evaluates_trained_weights_at_other_recurrences(cli, tmp_path):
+def test_test_time_depth_evaluates_trained_weights_at_other_recurrences(main, tmp_path):
     out = tmp_path / "r.json"
-    r = cli("eval", "--block", "recurrent-depth", "--recurrence", "2", "--preset", "smoke",
+    r = main("eval", "--block", "recurrent-depth", "--recurrence", "2", "--preset", "smoke",
             "--evaluators", "alpha-ell,test-time-depth", "--set", "train.steps=30",
             "--set", "test-time-depth.recurrence=1,2,6", "--set", "test-time-depth.batch_size=256",
             "--runs-dir", tmp_path / "runs", "--out", out)

@@ -55,11 +55,11 @@ def test_every_new_task_runs_the_smoke_preset_with_residual(task, tmp_path):
         assert ev["excess_ce"] == pytest.approx(ev["loss"] - ev["optimal_ce"]) and ev["entropy_rate"] > 0
 
 
-def test_grid_over_a_task_knob_end_to_end_then_cached(cli, tmp_path):
+def test_grid_over_a_task_knob_end_to_end_then_cached(main, tmp_path):
     out = tmp_path / "r.json"
     args = ("eval", "--block", "residual", "--task", "k-hop", "--preset", "smoke", "--set", "task.k=1,2",
             "--depths", "1", "--runs-dir", tmp_path / "runs", "--out", out)
-    r = cli(*args)
+    r = main(*args)
     assert r.returncode == 0, r.stderr
     assert "depth to solve (k=1)" in r.stdout and "depth to solve (k=2)" in r.stdout
     res = json.loads(out.read_text())
@@ -67,7 +67,7 @@ def test_grid_over_a_task_knob_end_to_end_then_cached(cli, tmp_path):
     assert res["config"]["grid"] == {"task.k": [1, 2]}
     assert [d["label"] for d in res["metrics"]["depth-to-solve"]["difficulties"]] == ["k=1", "k=2"]
     assert out.with_suffix(".depth-to-solve.png").exists()
-    again = cli(*args, "--evaluators", "depth-to-solve,alpha-ell")
+    again = main(*args, "--evaluators", "depth-to-solve,alpha-ell")
     assert again.returncode == 0, again.stderr
     res = json.loads(out.read_text())
     assert all(run["cached"] for run in res["runs"])

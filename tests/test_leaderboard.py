@@ -7,27 +7,29 @@ import shutil
 
 import pytest
 
-SMOKE = ["--preset", "smoke", "--set", "train.steps=40"]
+from archbench.config import EvalSpec
+from archbench.sweep import run_eval
+
 
 
 @pytest.fixture(scope="module")
-def swept(tmp_path_factory, cli):
-    """Two smoke sweeps with the regime evidence: residual-mlp and rezero."""
+def swept(tmp_path_factory):
+    """Two smoke sweeps with the regime evidence: residual-mlp and rezero (``archbench eval``'s own
+    function, in this process; the CLI's tests run it as a command)."""
     root = tmp_path_factory.mktemp("lb")
     results = {}
     for block in ("residual-mlp", "rezero"):
         out = root / f"{block}.json"
-        r = cli("eval", "--block", block, *SMOKE, "--evaluators", "alpha-ell,regime", "--runs-dir", root / "runs",
-                    "--out", out)
-        assert r.returncode == 0, r.stderr
+        run_eval(EvalSpec(block=block, preset="smoke", sets={"train": {"steps": "40"}},
+                          evaluators=["alpha-ell", "regime"], runs_dir=str(root / "runs"), out=str(out)))
         results[block] = json.loads(out.read_text())
     return root, results
 
 
-def test_tables_match_the_evaluators_and_trace_to_records(cli, swept, tmp_path):
+def test_tables_match_the_evaluators_and_trace_to_records(main, swept, tmp_path):
     root, results = swept
     out = tmp_path / "leaderboards"
-    r = cli("leaderboard", "--runs-dir", root / "runs", "--out", out)
+    r = main("leaderboard", "--runs-dir", root / "runs", "--out", out)
     assert r.returncode == 0, r.stderr
     name = "teacher-student__smoke__train-"  # steps=40 is not the smoke preset's budget
     (md,) = out.glob(f"{name}*.md")

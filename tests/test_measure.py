@@ -286,10 +286,10 @@ def test_the_evaluators_run_on_cuda(dtype):
     assert np.isfinite(skip["variants"]["layer"]["output_l2"]).all()
 
 
-def test_eval_runs_the_measurement_suite_end_to_end(cli, tmp_path):
+def test_eval_runs_the_measurement_suite_end_to_end(main, tmp_path):
     base = ["eval", "--preset", "smoke", "--depths", "2,4", "--set", "train.steps=60", "--runs-dir", tmp_path / "runs"]
     out = tmp_path / "r.json"
-    r = cli(*base, "--evaluators", "regime,layer-correspondence", "--out", out)
+    r = main(*base, "--evaluators", "regime,layer-correspondence", "--out", out)
     assert r.returncode == 0, r.stderr
     res = json.loads(out.read_text())
     assert list(res["config"]["evaluators"]) == ["layer-similarity", "skip-sensitivity", "regime", "layer-correspondence"]
@@ -302,12 +302,12 @@ def test_eval_runs_the_measurement_suite_end_to_end(cli, tmp_path):
     plots = res["files"]["plots"]
     assert len(plots) == 4 and all(Path(p).stat().st_size > 10_000 for p in plots)
     # a cached run is re-measured only when the evaluator's knobs change
-    r = cli(*base, "--evaluators", "layer-similarity", "--set", "layer-similarity.max_tokens=64", "--out", out)
+    r = main(*base, "--evaluators", "layer-similarity", "--set", "layer-similarity.max_tokens=64", "--out", out)
     assert r.returncode == 0, r.stderr
     res = json.loads(out.read_text())
     assert all(run["cached"] for run in res["runs"])
     assert [v["tokens"] for v in res["metrics"]["layer-similarity"]["per_run"].values()] == [64, 64]
-    r = cli(*base, "--evaluators", "regime", "--set", "regime.alpha_band=lots")
+    r = main(*base, "--evaluators", "regime", "--set", "regime.alpha_band=lots")
     assert r.returncode == 2 and "alpha_band" in r.stderr and "Traceback" not in r.stderr
 
 

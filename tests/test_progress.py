@@ -31,9 +31,12 @@ def test_lines_are_spaced_by_the_interval():
     assert buf.getvalue() == ""  # within the first interval: nothing yet
 
 
-def test_eval_into_a_log_file_shows_progress(cli, tmp_path):
-    r = cli("eval", "--preset", "smoke", "--depths", "1", "--set", "train.steps=20", "--evaluators", "alpha-ell",
+def test_eval_into_a_log_file_shows_progress(main, tmp_path):
+    r = main("eval", "--preset", "smoke", "--depths", "1", "--set", "train.steps=20", "--evaluators", "alpha-ell",
             "--runs-dir", tmp_path / "runs", "--out", tmp_path / "r.json", env={"ARCHBENCH_PROGRESS_EVERY": "0"})
     assert r.returncode == 0, r.stderr
     assert any(line.startswith("depth 1 seed 0: step 20/20, loss ") for line in r.stderr.splitlines()), r.stderr
     assert any(line.startswith("sweep: run 1/1") for line in r.stderr.splitlines()), r.stderr
+    bad = main("eval", "--preset", "smoke", "--depths", "1", "--runs-dir", tmp_path / "runs",
+               env={"ARCHBENCH_PROGRESS_EVERY": "soon"})
+    assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "ARCHBENCH_PROGRESS_EVERY='soon'" in bad.stderr

@@ -77,12 +77,12 @@ REFACTORED = ("        # the same numbers, written differently\n"
               "        update = self.proj(torch.relu(self.fc(x)))\n        return x + update")
 
 
-def test_a_refactor_keeps_runs_cached_and_a_raised_version_retrains(cli, tmp_path):
+def test_a_refactor_keeps_runs_cached_and_a_raised_version_retrains(main, tmp_path):
     plugin = tmp_path / "my_mlp.py"
 
     def sweep(version, body):
         plugin.write_text(PLUGIN.format(version=f", version={version}" if version else "", body=body))
-        r = cli("eval", "--plugins", plugin, "--block", "my-mlp", *TINY, "--runs-dir", tmp_path / "runs",
+        r = main("eval", "--plugins", plugin, "--block", "my-mlp", *TINY, "--runs-dir", tmp_path / "runs",
                 "--out", tmp_path / "r.json")
         assert r.returncode == 0, r.stderr
         return json.loads((tmp_path / "r.json").read_text())
@@ -99,9 +99,9 @@ def test_a_refactor_keeps_runs_cached_and_a_raised_version_retrains(cli, tmp_pat
     assert len({r["source"]["block"] for r in records}) == 2  # the source hash stays, as provenance
 
 
-def test_records_from_before_versioned_keys_are_migrated_not_retrained(cli, tmp_path):
+def test_records_from_before_versioned_keys_are_migrated_not_retrained(main, tmp_path):
     args = ["eval", *TINY, "--runs-dir", tmp_path / "runs", "--out", tmp_path / "r.json"]
-    assert cli(*args).returncode == 0
+    assert main(*args).returncode == 0
     folder = tmp_path / "runs" / "records"
     losses = {}
     for path in folder.glob("*.json"):  # rewrite each record as archbench wrote it before (record version 1)
@@ -119,7 +119,7 @@ def test_records_from_before_versioned_keys_are_migrated_not_retrained(cli, tmp_
         losses[new["key"]] = new["final_loss"]
     (folder / ".format").unlink(missing_ok=True)
 
-    r = cli(*args)
+    r = main(*args)
     assert r.returncode == 0, r.stderr
     assert "2 run record(s) from before versioned keys" in r.stderr
     res = json.loads((tmp_path / "r.json").read_text())
@@ -131,9 +131,9 @@ def test_records_from_before_versioned_keys_are_migrated_not_retrained(cli, tmp_
         assert store.weights_path(key).exists()
 
 
-def test_an_unreadable_record_is_set_aside_and_only_its_run_trains_again(cli, tmp_path):
+def test_an_unreadable_record_is_set_aside_and_only_its_run_trains_again(main, tmp_path):
     args = ["eval", *TINY, "--depths", "1,2,3", "--runs-dir", tmp_path / "runs", "--out", tmp_path / "r.json"]
-    assert cli(*args).returncode == 0
+    assert main(*args).returncode == 0
     first = {run["depth"]: run for run in json.loads((tmp_path / "r.json").read_text())["runs"]}
     folder = tmp_path / "runs" / "records"
     (folder / f"{first[1]['key']}.json").write_bytes(b"\xff\xfe not utf-8")
@@ -141,7 +141,7 @@ def test_an_unreadable_record_is_set_aside_and_only_its_run_trains_again(cli, tm
     data["final_loss"] = "abc"
     (folder / f"{first[2]['key']}.json").write_text(json.dumps(data))
 
-    r = cli(*args)
+    r = main(*args)
     assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr
     for depth, why in ((1, "unreadable: "), (2, "'final_loss' has the wrong type")):
         assert any(first[depth]["key"] in line and why in line and "moved to" in line for line in r.stderr.splitlines())

@@ -138,9 +138,9 @@ def test_cli_bad_csv_is_one_line_error(main, tmp_path, case):
             "not a file": "not a file"}[case] in lines[0]
 
 
-def test_cli_end_to_end_on_bundled_data(cli, tmp_path):
+def test_cli_end_to_end_on_bundled_data(main, tmp_path):
     out = tmp_path / "fit" / "fit.json"
-    r = cli("fit-scaling", "--bootstrap", 20, "--seed", 1, "--out", out)
+    r = main("fit-scaling", "--bootstrap", 20, "--seed", 1, "--out", out)
     assert r.returncode == 0, r.stderr
     res = json.loads(out.read_text())
     assert res["options"] == {"exclude": 40, "depth_offset": 0, "bootstrap": 20, "seed": 1}

@@ -13,9 +13,9 @@ def _counted(trials):
     return [t for t in trials if not (t.state.name == "FAIL" and "failure" not in t.user_attrs)]
 
 
-def test_search_end_to_end_resume_and_reuse(cli, tmp_path, tiny, load_study):
+def test_search_end_to_end_resume_and_reuse(main, tmp_path, tiny, load_study):
     runs = tmp_path / "runs"
-    r = cli("search", *tiny, "--trials", "2", "--runs-dir", runs)
+    r = main("search", *tiny, "--trials", "2", "--runs-dir", runs)
     assert r.returncode == 0, r.stderr
     assert "Pareto front" in r.stdout and "beat the residual baseline" in r.stdout
     assert "optuna-dashboard sqlite:///" in r.stdout and "reproduce trial" in r.stdout
@@ -35,16 +35,16 @@ def test_search_end_to_end_resume_and_reuse(cli, tmp_path, tiny, load_study):
     n_records = len(list((runs / "records").glob("*.json")))
 
     # the same command again: nothing to do; a larger --trials continues the same study
-    r = cli("search", *tiny, "--trials", "2", "--runs-dir", runs)
+    r = main("search", *tiny, "--trials", "2", "--runs-dir", runs)
     assert r.returncode == 0 and len(load_study(url, "teacher-student-alpha+loss-smoke").get_trials()) == 2
-    r = cli("search", *tiny, "--trials", "3", "--runs-dir", runs)
+    r = main("search", *tiny, "--trials", "3", "--runs-dir", runs)
     assert r.returncode == 0, r.stderr
     trials = load_study(url, "teacher-student-alpha+loss-smoke").get_trials()
     assert len(trials) == 3 and [t.number for t in trials] == list(range(3))
     assert len(list((runs / "records").glob("*.json"))) <= n_records + 2  # one new trial at most, 2 depths
 
     # a different configuration under the same name is refused, and nothing is changed
-    r = cli("search", *tiny, "--trials", "4", "--budget", "none", "--runs-dir", runs)
+    r = main("search", *tiny, "--trials", "4", "--budget", "none", "--runs-dir", runs)
     assert r.returncode == 2 and "different budget" in r.stderr and len(r.stderr.strip().splitlines()) <= 2
     assert len(load_study(url, "teacher-student-alpha+loss-smoke").get_trials()) == 3
 

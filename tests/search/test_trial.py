@@ -20,14 +20,14 @@ class Fragile(torch.nn.Module):
 '''
 
 
-def test_failures_are_data(cli, tmp_path, tiny, load_study):
+def test_failures_are_data(main, tmp_path, tiny, load_study):
     plugin = tmp_path / "fragile.py"
     plugin.write_text(FRAGILE)
     space = tmp_path / "space.toml"
     space.write_text('blocks = ["fragile", "residual-mlp"]\n')
     runs = tmp_path / "runs"
     # the fragile block is the baseline, so trial 0 draws it whatever the sampler does
-    r = cli("search", *tiny, "--plugins", plugin, "--space", space, "--baseline", "fragile", "--trials", "4",
+    r = main("search", *tiny, "--plugins", plugin, "--space", space, "--baseline", "fragile", "--trials", "4",
             "--study", "f", "--runs-dir", runs, "--seed", "3")
     assert r.returncode == 0, r.stderr
     trials = load_study(f"sqlite:///{runs.resolve() / 'studies.db'}", "f").get_trials()
@@ -40,16 +40,16 @@ def test_failures_are_data(cli, tmp_path, tiny, load_study):
     assert trials[0].params["block"] == "fragile" and trials[0].user_attrs["baseline"]
     assert "fragile block refuses to run" in r.stderr  # the trial's line says why
     # divergence is a failure with its reason too
-    r = cli("search", *tiny, "--set", "train.optimizer=sgd", "--set", "train.lr=1e8", "--baseline", "residual-mlp",
+    r = main("search", *tiny, "--set", "train.optimizer=sgd", "--set", "train.lr=1e8", "--baseline", "residual-mlp",
             "--trials", "1", "--study", "d", "--space", space, "--plugins", plugin, "--runs-dir", runs)
     assert r.returncode == 0, r.stderr
     (t,) = load_study(f"sqlite:///{runs.resolve() / 'studies.db'}", "d").get_trials()
     assert t.state.name == "FAIL" and "loss became" in t.user_attrs["failure"]
 
 
-def test_single_objective_reports_intermediate_values(cli, tmp_path, tiny, load_study):
+def test_single_objective_reports_intermediate_values(main, tmp_path, tiny, load_study):
     runs = tmp_path / "runs"
-    r = cli("search", *tiny, "--depths", "2,3,4", "--objective", "loss", "--trials", "1", "--runs-dir", runs)
+    r = main("search", *tiny, "--depths", "2,3,4", "--objective", "loss", "--trials", "1", "--runs-dir", runs)
     assert r.returncode == 0, r.stderr
     assert "best trials" in r.stdout
     for t in load_study(f"sqlite:///{runs.resolve() / 'studies.db'}", "teacher-student-loss-smoke").get_trials():

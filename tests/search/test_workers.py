@@ -13,16 +13,12 @@ from pathlib import Path
 
 import pytest
 
-from archbench.cli import main
 
-
-def test_bad_input_gets_one_line(capsys, tmp_path, tiny):
-    # in this process: `archbench` is main() in a fresh interpreter, and every refusal comes before training
+def test_bad_input_gets_one_line(main, tmp_path, tiny):
     for args, needle in ((["--objective", "alpah"], "alpha"), (["--trials", "0"], "at least one"),
                          (["--storage", "mysql://x"], "expected sqlite"), (["--space", tmp_path / "none.toml"], "none.toml")):
-        returncode = main(["search", *tiny, *map(str, args), "--runs-dir", str(tmp_path / "runs")])
-        stderr = capsys.readouterr().err
-        assert returncode == 2 and needle in stderr and "Traceback" not in stderr, stderr
+        r = main("search", *tiny, *args, "--runs-dir", tmp_path / "runs")
+        assert r.returncode == 2 and needle in r.stderr and "Traceback" not in r.stderr, r.stderr
 
 
 def _check_workers(load_study, url, name, n, log):
@@ -34,9 +30,9 @@ def _check_workers(load_study, url, name, n, log):
     return {t.user_attrs["worker"] for t in trials}
 
 
-def test_concurrent_workers_lose_and_repeat_no_trial(cli, tmp_path, tiny, load_study):
+def test_concurrent_workers_lose_and_repeat_no_trial(main, tmp_path, tiny, load_study):
     runs = tmp_path / "runs"
-    r = cli("search", *tiny, "--trials", "4", "--workers", "2", "--study", "w", "--runs-dir", runs, timeout=600)
+    r = main("search", *tiny, "--trials", "4", "--workers", "2", "--study", "w", "--runs-dir", runs)
     assert r.returncode == 0, r.stderr
     workers = _check_workers(load_study, f"sqlite:///{runs.resolve() / 'studies.db'}", "w", 4,
                              runs / "studies/w/trials.log")
@@ -87,13 +83,13 @@ def postgres_url():
         shutil.rmtree(base, ignore_errors=True)
 
 
-def test_postgres_study_shared_by_two_invocations(cli, tmp_path, postgres_url, tiny, load_study):
+def test_postgres_study_shared_by_two_invocations(main, tmp_path, postgres_url, tiny, load_study):
     # two "machines": separate runs directories, one database
-    a = cli("search", *tiny, "--trials", "2", "--workers", "2", "--study", "pg", "--storage", postgres_url,
-            "--runs-dir", tmp_path / "a", timeout=600)
+    a = main("search", *tiny, "--trials", "2", "--workers", "2", "--study", "pg", "--storage", postgres_url,
+            "--runs-dir", tmp_path / "a")
     assert a.returncode == 0, a.stderr
-    b = cli("search", *tiny, "--trials", "3", "--study", "pg", "--storage", postgres_url,
-            "--runs-dir", tmp_path / "b", timeout=600)
+    b = main("search", *tiny, "--trials", "3", "--study", "pg", "--storage", postgres_url,
+            "--runs-dir", tmp_path / "b")
     assert b.returncode == 0, b.stderr
     logs = tmp_path / "log"
     logs.write_text((tmp_path / "a/studies/pg/trials.log").read_text() + (tmp_path / "b/studies/pg/trials.log").read_text())
