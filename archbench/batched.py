@@ -38,7 +38,8 @@ from torch.func import functional_call, stack_module_state, vmap
 
 from archbench.records import atomic_write
 from archbench.task import Task
-from archbench.train import Outcome, TrainConfig, autocast_for, make_scheduler, scaled_lr
+from archbench.train import (Outcome, TrainConfig, autocast_for, evaluates_at, finish, held_out_loss, make_scheduler,
+                             scaled_lr)
 
 # timm optimizers whose update of each element reads only that element's state: stacking is exact
 ELEMENTWISE = ("adam", "adamw", "adamax", "nadam", "radam", "sgd", "momentum", "nesterov", "lion", "rmsprop")
@@ -80,8 +81,9 @@ def _group(jobs: list[Job]) -> list[list[Job]]:
 
 
 def _loss_key(task: Task):
-    # one vmapped loss serves the group when the loss reads nothing but (logits, targets)
-    fn = type(task).loss
+    # one vmapped loss serves the group when the loss reads nothing but (logits, targets); a task
+    # may pick its loss per instance (teacher-student's objective knob)
+    fn = getattr(task.loss, "__func__", task.loss)
     return fn if getattr(fn, "pure", False) else id(task)
 
 
@@ -117,8 +119,8 @@ class _Group:
 
         task = jobs[0].task
         self.vmapped = vmap(one, in_dims=(0, 0, 0), randomness="error")
-        self.loss = vmap(task.loss) if all(_loss_key(j.task) == _loss_key(task) for j in jobs) and \
-            getattr(type(task).loss, "pure", False) else None
+        key = _loss_key(task)
+        self.loss = vmap(task.loss) if key != id(task) and all(_loss_key(j.task) == key for j in jobs) else None
         self._probe()
         self.forward = self.vmapped
         if len(jobs) == 1:  # nothing to batch: the run's own forward, on views of the stacked tensors
@@ -198,10 +200,11 @@ def _train(jobs, checkpoint, on_log):
     streams, feeds = _streams(jobs, groups, device)
     tasks = {id(j.task): j.task for j in jobs}.values()
     histories = {id(j): [] for j in jobs}
+    evals = {id(j): [] for j in jobs}  # [step, held-out loss] every eval_every steps
     failures: dict[int, tuple[float, str, int]] = {}  # id(job) -> (loss, why, step)
     start, elapsed = 0, 0.0
     if checkpoint is not None and checkpoint.exists():
-        start, elapsed = _load(checkpoint, groups, streams, histories, failures, jobs)
+        start, elapsed = _load(checkpoint, groups, streams, histories, evals, failures, jobs)
 
     t0 = time.perf_counter() - elapsed
     for step in range(start, cfg.steps):
@@ -215,10 +218,15 @@ def _train(jobs, checkpoint, on_log):
             values = _record_losses(logged, histories, failures, done)
             if on_log:
                 on_log(done, values)
+        if evaluates_at(cfg, done):
+            for g in groups:
+                for i, j in enumerate(g.jobs):
+                    if id(j) not in failures:
+                        evals[id(j)].append([done, held_out_loss(j.task, g.unstack(i), cfg)])
         if checkpoint is not None and cfg.checkpoint_every and done % cfg.checkpoint_every == 0 and done < cfg.steps:
-            _save(checkpoint, done, time.perf_counter() - t0, groups, streams, histories, failures, jobs)
+            _save(checkpoint, done, time.perf_counter() - t0, groups, streams, histories, evals, failures, jobs)
     train_s = (time.perf_counter() - t0) / len(jobs)
-    return _outcomes(jobs, groups, histories, failures, train_s)
+    return _outcomes(jobs, groups, histories, evals, failures, train_s)
 
 
 def _streams(jobs, groups, device):
@@ -273,28 +281,22 @@ def _record_losses(logged, histories, failures, done) -> list[float]:
     return values
 
 
-def _outcomes(jobs, groups, histories, failures, train_s) -> list[Outcome]:
+def _outcomes(jobs, groups, histories, evals, failures, train_s) -> list[Outcome]:
     """Each run's held-out evaluation on its own (unstacked) model, as the plain loop ends."""
-    cfg, device = jobs[0].cfg, jobs[0].task.device
     outcomes = {}
     for g in groups:
         for i, j in enumerate(g.jobs):
             history = histories[id(j)]
             if id(j) in failures:
                 value, why, at = failures[id(j)]
-                outcomes[id(j)] = Outcome("failed", value, {}, at, history, train_s, failure=why)
+                outcomes[id(j)] = Outcome("failed", value, {}, at, history, train_s, failure=why,
+                                          eval_history=evals[id(j)])
                 continue
-            model = g.unstack(i)
-            metrics = j.task.evaluate(model, cfg.eval_batch_size or cfg.batch_size, autocast_for(device, cfg.precision))
-            if not math.isfinite(metrics["loss"]):
-                outcomes[id(j)] = Outcome("failed", metrics["loss"], metrics, cfg.steps, history, train_s,
-                                          failure=f"held-out loss is {metrics['loss']} after step {cfg.steps}")
-            else:
-                outcomes[id(j)] = Outcome("ok", metrics["loss"], metrics, cfg.steps, history, train_s)
+            outcomes[id(j)] = finish(j.task, g.unstack(i), j.cfg, history, evals[id(j)], train_s)
     return [outcomes[id(j)] for j in jobs]
 
 
-def _save(path, step, train_s, groups, streams, histories, failures, jobs):
+def _save(path, step, train_s, groups, streams, histories, evals, failures, jobs):
     index = {id(j): i for i, j in enumerate(jobs)}
     state = {"step": step, "train_s": train_s,
              "groups": [{"params": {n: p.detach() for n, p in g.params.items()}, "buffers": g.buffers,
@@ -302,11 +304,12 @@ def _save(path, step, train_s, groups, streams, histories, failures, jobs):
                          "scheduler": g.sched.state_dict() if g.sched is not None else {}} for g in groups],
              "generators": [s.gen.get_state() for s in streams.values()],
              "histories": [histories[id(j)] for j in jobs],
+             "eval_histories": [evals[id(j)] for j in jobs],
              "failures": {index[k]: list(v) for k, v in failures.items()}}
     atomic_write(path, lambda f: torch.save(state, f))
 
 
-def _load(path, groups, streams, histories, failures, jobs) -> tuple[int, float]:
+def _load(path, groups, streams, histories, evals, failures, jobs) -> tuple[int, float]:
     device = jobs[0].task.device
     state = torch.load(path, map_location=device, weights_only=True)
     with torch.no_grad():
@@ -322,6 +325,8 @@ def _load(path, groups, streams, histories, failures, jobs) -> tuple[int, float]
         s.gen.set_state(gen_state.cpu())
     for j, h in zip(jobs, state["histories"]):
         histories[id(j)] = h
+    for j, e in zip(jobs, state.get("eval_histories", [[] for _ in jobs])):
+        evals[id(j)] = e
     for i, v in state["failures"].items():
         failures[id(jobs[int(i)])] = tuple(v)
     return state["step"], state["train_s"]

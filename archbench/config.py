@@ -41,6 +41,7 @@ class EvalSpec:
     depths: list[int] | None = None  # None: the preset's
     recurrence: list[int] | None = None  # recurrent blocks: iteration counts, turned into effective depths
     seeds: int | None = None
+    teachers: int | None = None  # replicate over teacher seeds 0..N-1 (tasks with teachers); None: the preset's
     sets: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)  # section -> key -> raw value
     evaluators: list[str] | None = None  # None: the task's default evaluators
     device: str = "auto"
@@ -65,6 +66,9 @@ class Config:
     depths: list[int]
     seeds: int
     grid: dict[str, list] = dataclasses.field(default_factory=dict)  # "section.knob" -> values swept
+    # a second replicate axis besides seeds: the task's teacher knob takes 0..teachers-1 (None: as configured)
+    teachers: int | None = None
+    teacher_knob: str | None = None
 
     def points(self) -> list[tuple[dict, Config]]:
         """(vary, config) for every grid point; ``vary`` maps "section.knob" to its value there."""
@@ -76,6 +80,18 @@ class Config:
                 section, name = key.split(".", 1)
                 getattr(c, section)[name] = value
             out.append((vary, c))
+        return out
+
+    def replicas(self) -> list[tuple[int | None, Config]]:
+        """(teacher, config) for each teacher of this (grid point's) configuration; one (None, self) without
+        ``--teachers``."""
+        if self.teachers is None:
+            return [(None, self)]
+        out = []
+        for t in range(self.teachers):
+            c = copy.deepcopy(self)
+            c.task[self.teacher_knob] = t
+            out.append((t, c))
         return out
 
     def with_model(self, **changes) -> Config:
@@ -126,6 +142,7 @@ def resolve_config(spec: EvalSpec) -> Config:
         evaluators={name: section(name, e.obj) for name, e in evaluators.items()},
         depths=spec.depths if spec.depths is not None else preset.get("depths", [2, 4, 8]),
         seeds=spec.seeds if spec.seeds is not None else preset.get("seeds", 1), grid=grid)
+    config.teachers, config.teacher_knob = _teachers(spec, task, preset, grid)
     if spec.recurrence is not None:
         config.depths = recurrence_depths(block, config.block, spec.recurrence)
     if not config.depths or any(d < 1 for d in config.depths):
@@ -162,3 +179,21 @@ def recurrence_depths(block: Entry, knobs: dict, recurrence: list[int]) -> list[
     if not recurrence or any(r < 1 for r in recurrence):
         raise UsageError(f"--recurrence {','.join(map(str, recurrence))}: iteration counts must be positive integers")
     return [depth_for(r, knobs) for r in recurrence]
+
+
+def _teachers(spec: EvalSpec, task: Entry, preset: dict, grid: dict) -> tuple[int | None, str | None]:
+    """``--teachers N`` (or the preset's): N and the task knob it sets; a teacher set by hand wins over a preset's."""
+    knob = getattr(task.obj, "teacher_knob", None)
+    chosen_by_hand = knob is not None and (knob in spec.sets.get("task", {}) or f"task.{knob}" in grid)
+    if spec.teachers is None:
+        n = None if chosen_by_hand else preset.get("teachers")
+        return (n, knob) if n is not None else (None, None)
+    if knob is None:
+        with_teachers = [e.name for e in TASKS.entries() if getattr(e.obj, "teacher_knob", None)]
+        raise UsageError(f"--teachers {spec.teachers}: task {task.name!r} has no teachers "
+                         f"(tasks with teachers: {', '.join(with_teachers)})")
+    if spec.teachers < 1:
+        raise UsageError(f"--teachers {spec.teachers}: need at least one teacher")
+    if chosen_by_hand:
+        raise UsageError(f"--teachers {spec.teachers} and --set task.{knob}=... both choose the teachers: use one")
+    return spec.teachers, knob

@@ -37,6 +37,7 @@ COLUMNS = {
     "params": "trainable parameters at the largest depth",
     "depths": "effective depths trained (prelude + r·core + coda for recurrent blocks)",
     "seeds": "seeds per depth",
+    "replicates": "replicates per depth (student seeds × teachers); the α_ℓ interval resamples them",
     "alpha": "α_ℓ: slope of log held-out loss against log effective depth (1 = ensemble averaging)",
     "alpha_ci95": "bootstrap 95 % interval of α_ℓ (none when the runs leave no freedom to resample)",
     "loss": "held-out loss at the largest depth (mean over seeds)",
@@ -74,8 +75,18 @@ def load_records(runs_dirs: list[str | Path]) -> tuple[list[RunRecord], dict[str
 
 
 def sweep_id(record: RunRecord) -> str:
-    """Everything that determined a run but its depth and seed: the runs of one table row."""
-    return digest({k: v for k, v in record.spec.items() if k not in ("depth", "seed")})[:12]
+    """Everything that determined a run but its depth and its replicate (seed, teacher): the runs of one table row."""
+    return digest({k: v for k, v in without_teacher(record.spec).items() if k not in ("depth", "seed")})[:12]
+
+
+def without_teacher(spec: dict) -> dict:
+    """``spec`` without the task's teacher knob: a teacher is a replicate, like a seed, not part of what a row is."""
+    from archbench.registry import TASKS
+
+    knob = getattr(TASKS.get(spec["task"]).obj, "teacher_knob", None) if spec["task"] in TASKS else None
+    if knob is None:
+        return spec
+    return {**spec, "task_cfg": {k: v for k, v in spec["task_cfg"].items() if k != knob}}
 
 
 def _diff(values: dict, defaults: dict) -> dict:
@@ -140,7 +151,7 @@ def build_rows(records: list[RunRecord], studies: dict[str, list] | None = None,
         if drift and notes is not None:
             notes.append(f"sweep {sid} ({spec['block']} on {spec['task']}): records made by other source of its "
                          f"{' and '.join(drift)} than today's, at the same version")
-        name, preset, task_diff = table_identity(spec["task"], spec["task_cfg"], spec["train"])
+        name, preset, task_diff = table_identity(spec["task"], without_teacher(spec)["task_cfg"], spec["train"])
         tkey = digest(spec["task_cfg"])
         if tkey not in task_objects:
             import torch
@@ -148,8 +159,8 @@ def build_rows(records: list[RunRecord], studies: dict[str, list] | None = None,
             task_objects[tkey] = make_task(entries["task"], spec["task_cfg"], torch.device("cpu"))
         row = sweep_row(sid, runs, task_objects[tkey], entries["block"], entries["task"].obj.solve_metric is not None,
                         studies or {}, where or {})
-        table = tables.setdefault(name, {"task": spec["task"], "task_cfg": spec["task_cfg"], "task_diff": task_diff,
-                                         "preset": preset, "train": spec["train"], "rows": {}})
+        table = tables.setdefault(name, {"task": spec["task"], "task_cfg": without_teacher(spec)["task_cfg"],
+                                         "task_diff": task_diff, "preset": preset, "train": spec["train"], "rows": {}})
         table["rows"][sid] = row
     return tables
 
@@ -174,6 +185,7 @@ def sweep_row(sid, runs: list[RunRecord], task, block, solvable: bool, studies: 
     row = {"id": sid, "block": spec["block"], "config": config,
            "params": max((r.params for r in runs), default=None),
            "depths": sorted({r.effective_depth for r in runs}), "seeds": len({r.seed for r in runs}),
+           "replicates": len({r.replicate for r in runs}),
            "alpha": alpha.get("value"), "alpha_ci95": alpha.get("ci95"),
            "loss": _mean([r.final_loss for r in deepest]),
            "depth_to_solve": None, "phi_mid": ev.get("phi_mid"), "skip_effect_mean": ev.get("skip_effect_mean"),
@@ -267,7 +279,7 @@ def write_tables(tables: dict[str, dict], out: Path, command: str) -> list[Path]
     return written
 
 
-_CSV = ["id", "block", "config", "params", "depths", "seeds", "alpha", "alpha_lo", "alpha_hi", "loss",
+_CSV = ["id", "block", "config", "params", "depths", "seeds", "replicates", "alpha", "alpha_lo", "alpha_hi", "loss",
         "depth_to_solve", "phi_mid", "skip_effect_mean", "skip_centre", "regime", "failed_runs", "train_s", "device",
         "version", "source", "records"]
 

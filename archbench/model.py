@@ -82,6 +82,20 @@ class Readout(nn.Module):
         return self.head(F.rms_norm(h, (h.shape[-1],)))
 
 
+class FixedReadout(nn.Module):
+    """logits = scale · W · rmsnorm(h_L) with W a buffer, never trained: a readout the task imposes
+    (teacher-student's shared frozen head). ``weight=None`` outputs rmsnorm(h_L) itself."""
+
+    def __init__(self, weight: torch.Tensor | None, scale: float = 1.0):
+        super().__init__()
+        self.register_buffer("weight", None if weight is None else weight.detach().clone())
+        self.register_buffer("scale", torch.tensor(float(scale)))  # a buffer, so that batched runs may differ in it
+
+    def forward(self, h):
+        h = F.rms_norm(h, (h.shape[-1],))
+        return h if self.weight is None else F.linear(h, self.weight) * self.scale
+
+
 def step(intervene: Intervene | None, l: int, h_in: torch.Tensor, h_out: torch.Tensor) -> torch.Tensor:
     """The stream after effective layer ``l``: its output, or what the evaluator's callback makes of it."""
     return h_out if intervene is None else intervene(l, h_in, h_out)
@@ -262,8 +276,10 @@ def trace(model: StreamModel, x, *, skip: Sequence[int] = (), sublayers: bool = 
 
 
 def build_model(block, block_kwargs: dict, depth: int, spec: InputSpec, width: int,
-                zero_head: bool = True, block_name: str | None = None) -> StreamModel:
-    """``depth`` effective layers of ``block`` for a task with input ``spec``.
+                zero_head: bool = True, block_name: str | None = None,
+                readout: nn.Module | None = None) -> StreamModel:
+    """``depth`` effective layers of ``block`` for a task with input ``spec``, read out by ``readout``
+    (default: a learned ``Readout``).
 
     ``block`` is a layer class, built once per layer as ``block(dim=, layer_idx=, depth=, **knobs)``,
     or a ``Stack`` subclass, built once as ``block(dim=, depth=, **knobs)``.
@@ -290,7 +306,7 @@ def build_model(block, block_kwargs: dict, depth: int, spec: InputSpec, width: i
         embed = VectorEmbed(spec.size, width)
     else:
         embed = TokenEmbed(spec.size, width, spec.seq_len)
-    return StreamModel(embed, body, Readout(width, spec.out_dim, zero_init=zero_head))
+    return StreamModel(embed, body, readout if readout is not None else Readout(width, spec.out_dim, zero_init=zero_head))
 
 
 def check_stream_shapes(model: StreamModel, x, block_name: str) -> None:

@@ -84,8 +84,11 @@ class RunRecord:
     engine: dict  # how it was trained: {"name": "plain"} or {"name": "batched", "runs": n, "wall_s": s}
     finished: str  # ISO time
     record_version: int = RECORD_VERSION
+    # [step, held-out loss] every train.eval_every steps (empty when 0); optional in the file
+    eval_history: list = dataclasses.field(default_factory=list, metadata={"optional": True})
     # where the run sits in the sweep that uses it: not stored
     vary: dict = dataclasses.field(default_factory=dict, metadata={"stored": False})
+    teacher: int | None = dataclasses.field(default=None, metadata={"stored": False})  # under --teachers
     cached: bool = dataclasses.field(default=False, metadata={"stored": False})
 
     @property
@@ -100,13 +103,19 @@ class RunRecord:
     def ok(self) -> bool:
         return self.status == "ok"
 
+    @property
+    def replicate(self) -> tuple[int, str]:
+        """Which replicate of its sweep the run belongs to: its seed and its task configuration (the teacher,
+        on tasks with teachers). A bootstrap moves a replicate's runs at every depth together."""
+        return self.seed, digest(self.spec.get("task_cfg", {}))
+
     def to_json(self) -> dict:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.metadata.get("stored", True)}
 
     def summary(self) -> dict:
         """The run as a result JSON lists it."""
         keep = ("key", "depth", "effective_depth", "seed", "status", "final_loss", "solved", "failure", "params",
-                "wall_s", "engine", "eval", "metrics", "vary", "cached")
+                "wall_s", "engine", "eval", "metrics", "vary", "teacher", "cached")
         return {k: getattr(self, k) for k in keep}
 
     @classmethod
@@ -119,6 +128,8 @@ class RunRecord:
         stored = [f for f in dataclasses.fields(cls) if f.metadata.get("stored", True)]
         for f in stored:
             if f.name not in data:
+                if f.metadata.get("optional"):
+                    continue
                 raise BadRecord(f"no '{f.name}'")
             if not _has_type(data[f.name], _TYPES[f.name]):
                 raise BadRecord(f"'{f.name}' has the wrong type ({type(data[f.name]).__name__})")
@@ -133,13 +144,14 @@ class RunRecord:
             raise BadRecord("its key is not the hash of its spec")
         if key is not None and data["key"] != key:
             raise BadRecord(f"its key {data['key']!r} does not match the file name")
-        return cls(**{f.name: data[f.name] for f in stored})
+        return cls(**{f.name: data[f.name] for f in stored if f.name in data})
 
 
 _TYPES = {"key": str, "spec": dict, "depth": int, "effective_depth": int, "seed": int, "status": str,
           "final_loss": (*_NUMBER, type(None)), "params": int, "eval": dict, "metrics": dict,
           "solved": (bool, type(None)), "failure": (str, type(None)), "steps_done": int, "history": list,
-          "wall_s": _NUMBER, "source": dict, "env": dict, "engine": dict, "finished": str, "record_version": int}
+          "wall_s": _NUMBER, "source": dict, "env": dict, "engine": dict, "finished": str, "record_version": int,
+          "eval_history": list}
 
 
 def _has_type(value, types) -> bool:

@@ -35,7 +35,7 @@ from archbench.train import Outcome, TrainConfig, train
 
 @dataclasses.dataclass
 class Run:
-    """One (grid point, depth, seed) of a sweep, and the key its record has."""
+    """One (grid point, teacher, depth, seed) of a sweep, and the key its record has."""
 
     vary: dict
     config: Config
@@ -43,10 +43,12 @@ class Run:
     seed: int
     spec: dict
     key: str
+    teacher: int | None = None
 
     @property
     def label(self) -> str:
-        return (point_label(self.vary) + ", " if self.vary else "") + f"depth {self.depth} seed {self.seed}"
+        teacher = f"teacher {self.teacher}, " if self.teacher is not None else ""
+        return (point_label(self.vary) + ", " if self.vary else "") + teacher + f"depth {self.depth} seed {self.seed}"
 
 
 def run_eval(spec: EvalSpec, console: Console | None = None,
@@ -72,11 +74,12 @@ class Sweep:
         self.store = RunStore(spec.runs_dir)
         self.env = environment(self.device)
         self.runs = []
-        for vary, c in self.points:
-            for depth in self.config.depths:
-                for seed in range(self.config.seeds):
-                    determinants = run_spec(self.block, self.task_entry, c, depth, seed)
-                    self.runs.append(Run(vary, c, depth, seed, determinants, digest(determinants)))
+        for vary, point in self.points:
+            for teacher, c in point.replicas():
+                for depth in self.config.depths:
+                    for seed in range(self.config.seeds):
+                        determinants = run_spec(self.block, self.task_entry, c, depth, seed)
+                        self.runs.append(Run(vary, c, depth, seed, determinants, digest(determinants), teacher))
         self._tasks: dict[str, Any] = {}
 
     def run(self, on_run=None) -> dict:
@@ -112,7 +115,7 @@ class Sweep:
             record.cached, model = True, None
         else:
             record, model = self.train_one(run, progress)
-        record.vary = run.vary
+        record.vary, record.teacher = run.vary, run.teacher
         if not record.cached:
             self.console.print(_run_line(record, run.label))
         return record, model
@@ -175,7 +178,8 @@ class Sweep:
             status=outcome.status, final_loss=outcome.final_loss if math.isfinite(outcome.final_loss) else None,
             params=sum(p.numel() for p in model.parameters()), eval=outcome.metrics, metrics={},
             solved=self.task(run.config).solved(outcome.metrics) if ok else False, failure=outcome.failure,
-            steps_done=outcome.steps_done, history=outcome.history, wall_s=round(outcome.train_s, 3),
+            steps_done=outcome.steps_done, history=outcome.history, eval_history=outcome.eval_history,
+            wall_s=round(outcome.train_s, 3),
             source={"archbench": archbench.__version__, "block": self.block.source_hash, "task": self.task_entry.source_hash},
             env=self.env, engine=engine, finished=datetime.datetime.now(datetime.timezone.utc).isoformat())
         self.store.save_weights(run.key, model.state_dict())
@@ -216,7 +220,7 @@ class Sweep:
         self.out.parent.mkdir(parents=True, exist_ok=True)
 
         def models(record):  # for sweep evaluators that compare trained models (layer-correspondence)
-            c = next(c for vary, c in self.points if vary == record.vary)
+            c = next(run.config for run in self.runs if run.key == record.key)
             return load_model(self.store, self.block, c, record, self.task(c))
 
         def plot(name, ev, result, rs, suffix=""):
@@ -264,8 +268,9 @@ def make_task(entry: Entry, cfg: dict, device: torch.device):
 
 
 def make_model(block: Entry, config: Config, depth: int, task) -> StreamModel:
-    return build_model(block.obj, config.block, depth, task.input, config.model["width"], config.model["zero_head"],
-                       block.name)
+    width = config.model["width"]
+    return build_model(block.obj, config.block, depth, task.input, width, config.model["zero_head"], block.name,
+                       task.readout(width))
 
 
 def new_model(block: Entry, config: Config, depth: int, seed: int, task) -> StreamModel:

@@ -46,6 +46,9 @@ class Task:
     # "Solved" means held-out ``solve_metric`` >= ``solve_at``; None: the task has no such notion.
     solve_metric: ClassVar[str | None] = None
     solve_at: ClassVar[float] = 0.99
+    # The knob that picks a task's teacher, where it has one: ``--teachers N`` replicates a sweep over
+    # its values 0..N-1, like ``--seeds`` over student seeds.
+    teacher_knob: ClassVar[str | None] = None
 
     def __init__(self, *, device: str | torch.device = "cpu"):
         self.device = torch.device(device)
@@ -69,6 +72,10 @@ class Task:
 
     def targets(self, x: torch.Tensor, shared) -> torch.Tensor:
         return shared
+
+    def readout(self, width: int) -> torch.nn.Module | None:
+        """A readout every model of this task must use (a fresh module per call), or None for a learned one."""
+        return None
 
     def eval_batches(self, batch_size: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """The fixed held-out set: the same for every run of this task configuration."""

@@ -42,6 +42,7 @@ class TrainConfig:
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU
     eval_batch_size: int = 0  # 0 = batch_size
     log_every: int = 50  # steps between loss readings (and NaN checks)
+    eval_every: int = 0  # steps between held-out evaluations kept in the record (the paper: 500); 0 = at the end only
     checkpoint_every: int = 1000  # steps between resumable checkpoints; 0 = never
 
 
@@ -54,6 +55,28 @@ class Outcome:
     history: list  # [step, training loss] at every log point
     train_s: float
     failure: str | None = None
+    eval_history: list = dataclasses.field(default_factory=list)  # [step, held-out loss] every eval_every steps
+
+
+def evaluates_at(cfg: TrainConfig, done: int) -> bool:
+    """Whether the held-out loss is measured after step ``done`` (the final step has its own evaluation)."""
+    return bool(cfg.eval_every) and done % cfg.eval_every == 0 and done < cfg.steps
+
+
+def finish(task: Task, model: torch.nn.Module, cfg: TrainConfig, history: list, eval_history: list,
+           train_s: float) -> Outcome:
+    """The held-out evaluation that ends a run, shared by both engines."""
+    metrics = task.evaluate(model, cfg.eval_batch_size or cfg.batch_size, autocast_for(task.device, cfg.precision))
+    if cfg.eval_every:
+        eval_history = [*eval_history, [cfg.steps, metrics["loss"]]]
+    if not math.isfinite(metrics["loss"]):
+        return Outcome("failed", metrics["loss"], metrics, cfg.steps, history, train_s,
+                       failure=f"held-out loss is {metrics['loss']} after step {cfg.steps}", eval_history=eval_history)
+    return Outcome("ok", metrics["loss"], metrics, cfg.steps, history, train_s, eval_history=eval_history)
+
+
+def held_out_loss(task: Task, model: torch.nn.Module, cfg: TrainConfig) -> float:
+    return task.evaluate(model, cfg.eval_batch_size or cfg.batch_size, autocast_for(task.device, cfg.precision))["loss"]
 
 
 def scaled_lr(cfg: TrainConfig, depth: int) -> float:
@@ -94,7 +117,7 @@ def train(model: torch.nn.Module, task: Task, cfg: TrainConfig, *, seed: int, de
     opt = create_optimizer_v2(model, opt=cfg.optimizer, lr=lr, weight_decay=cfg.weight_decay)
     sched = make_scheduler(opt, cfg, lr)
     gen = torch.Generator(device=device).manual_seed(seed)
-    start, history, elapsed = 0, [], 0.0
+    start, history, evals, elapsed = 0, [], [], 0.0
     if checkpoint is not None and checkpoint.exists():
         state = torch.load(checkpoint, map_location=device, weights_only=True)
         model.load_state_dict(state["model"])
@@ -103,6 +126,7 @@ def train(model: torch.nn.Module, task: Task, cfg: TrainConfig, *, seed: int, de
             sched.load_state_dict(state["scheduler"])
         gen.set_state(state["generator"].cpu())  # generator states are CPU byte tensors
         start, history, elapsed = state["step"], state["history"], state["train_s"]
+        evals = state.get("eval_history", [])
 
     t0 = time.perf_counter() - elapsed
     for step in range(start, cfg.steps):
@@ -127,19 +151,17 @@ def train(model: torch.nn.Module, task: Task, cfg: TrainConfig, *, seed: int, de
                                failure=f"loss became {value} at step {done}")
             if on_log:
                 on_log(done, value)
+        if evaluates_at(cfg, done):
+            evals.append([done, held_out_loss(task, model, cfg)])
         if checkpoint is not None and cfg.checkpoint_every and done % cfg.checkpoint_every == 0 and done < cfg.steps:
-            _save_checkpoint(checkpoint, model, opt, sched, gen, done, history, time.perf_counter() - t0)
+            _save_checkpoint(checkpoint, model, opt, sched, gen, done, history, evals, time.perf_counter() - t0)
 
-    metrics = task.evaluate(model, cfg.eval_batch_size or cfg.batch_size, autocast_for(device, cfg.precision))
-    train_s = time.perf_counter() - t0
-    if not math.isfinite(metrics["loss"]):
-        return Outcome("failed", metrics["loss"], metrics, cfg.steps, history, train_s,
-                       failure=f"held-out loss is {metrics['loss']} after step {cfg.steps}")
-    return Outcome("ok", metrics["loss"], metrics, cfg.steps, history, train_s)
+    return finish(task, model, cfg, history, evals, time.perf_counter() - t0)
 
 
-def _save_checkpoint(path: Path, model, opt, sched, gen, step, history, train_s):
+def _save_checkpoint(path: Path, model, opt, sched, gen, step, history, evals, train_s):
     state = {"model": model.state_dict(), "optimizer": opt.state_dict(),
              "scheduler": sched.state_dict() if sched is not None else {},
-             "generator": gen.get_state(), "step": step, "history": history, "train_s": train_s}
+             "generator": gen.get_state(), "step": step, "history": history, "eval_history": evals,
+             "train_s": train_s}
     atomic_write(path, lambda f: torch.save(state, f))

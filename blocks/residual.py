@@ -54,3 +54,27 @@ class ResidualMLP(nn.Module):
 
     def forward(self, x):
         return x + self.mlp_out(self.mlp(torch.nn.functional.rms_norm(x, (x.shape[-1],))))
+
+
+@archbench.register_block("residual-mlp-rk2", family="residual", identity_init=True,
+                          citation=PAPER_1 + ", the two-stage student")
+class ResidualMLPRK2(nn.Module):
+    """Two-stage (RK2 midpoint) MLP block: mid = h + ½·MLP₁(rmsnorm(h)), out = h + MLP₂(rmsnorm(mid))."""
+
+    def __init__(self, dim: int, layer_idx: int, depth: int, *,
+                 mlp_ratio: Annotated[int, Range(1, 8)] = 4,
+                 zero_init: bool = True,
+                 **kwargs):
+        super().__init__()
+        self.mlp1, self.mlp2 = (Mlp(dim, mlp_ratio * dim, act_layer=ReLUSquared, norm_layer=None, bias=(True, False))
+                                for _ in range(2))
+        self.mlp_out = Tap()
+        if zero_init:  # identity at init, like the one-stage student
+            with torch.no_grad():
+                self.mlp1.fc2.weight.zero_()
+                self.mlp2.fc2.weight.zero_()
+
+    def forward(self, x):
+        norm = lambda h: torch.nn.functional.rms_norm(h, (h.shape[-1],))  # noqa: E731
+        mid = x + 0.5 * self.mlp1(norm(x))
+        return x + self.mlp_out(self.mlp2(norm(mid)))

@@ -1,9 +1,12 @@
 """alpha_ell: how fast the loss falls with effective depth, L(ℓ) = c·ℓ^-α (+ L_0).
 
 α ≈ 1 is the ensemble-averaging regime (Liu et al. 2026); α ≈ 3 is what an Euler-discretised
-smooth process gives when converged. The point estimate fits the per-depth mean loss (seeds
-averaged); the 95 % interval is a case bootstrap over runs (runs resampled with replacement,
-re-averaged per depth, refitted).
+smooth process gives when converged. The point estimate fits the per-depth mean loss over
+replicates. A *replicate* is one student seed on one task configuration (one teacher, on tasks
+with teachers: the paper's replicates are its three teachers); its runs at every depth move
+together, so the 95 % interval is a bootstrap over replicates (resampled with replacement,
+re-averaged per depth, refitted). With a single replicate there is no estimate of the noise and
+no interval is given.
 """
 
 from __future__ import annotations
@@ -56,14 +59,21 @@ def fit_power_law(depths, losses, floor: float | str | None = None) -> dict:
             "n_depths": len(uniq)}
 
 
-def bootstrap_alpha(depths, losses, floor=None, n_boot: int = 1000, seed: int = 0, ci: float = 0.95):
-    """Percentile interval of alpha over case-bootstrap resamples of the runs."""
+def bootstrap_alpha(depths, losses, floor=None, n_boot: int = 1000, seed: int = 0, ci: float = 0.95,
+                    replicates=None):
+    """Percentile interval of alpha over bootstrap resamples of whole replicates (``replicates[i]`` names
+    run i's; default: every run is its own); returns (interval or None, resamples that could be fitted)."""
     depths, losses = np.asarray(depths, float), np.asarray(losses, float)
+    labels = list(range(len(depths))) if replicates is None else list(replicates)
+    members: dict = {}
+    for i, label in enumerate(labels):
+        members.setdefault(label, []).append(i)
+    groups = [np.array(m) for m in members.values()]
     rng = np.random.default_rng(seed)
     need = 3 if floor == "fit" else 2
     alphas = []
     for _ in range(n_boot):
-        idx = rng.integers(0, len(depths), len(depths))
+        idx = np.concatenate([groups[k] for k in rng.integers(0, len(groups), len(groups))])
         if len(np.unique(depths[idx])) < need:
             continue
         try:
@@ -76,7 +86,19 @@ def bootstrap_alpha(depths, losses, floor=None, n_boot: int = 1000, seed: int = 
     return [float(lo), float(hi)], len(alphas)
 
 
-@archbench.register_evaluator("alpha-ell", family="scaling",
+def per_depth(depths, losses) -> list[dict]:
+    """Per depth: the mean loss, its standard error over the runs there (None for one run) and their number."""
+    depths, losses = np.asarray(depths, float), np.asarray(losses, float)
+    rows = []
+    for d in np.unique(depths):
+        x = losses[depths == d]
+        se = float(x.std(ddof=1) / math.sqrt(len(x))) if len(x) > 1 else None
+        rows.append({"depth": int(d), "mean": float(x.mean()), "se": se, "n": int(len(x))})
+    return rows
+
+
+# 2: the interval is a bootstrap over replicates, none for a single replicate
+@archbench.register_evaluator("alpha-ell", family="scaling", version=2,
                               citation="Liu et al. 2026 (arXiv 2602.05970)")
 class AlphaEll(Evaluator):
     """Depth-scaling exponent α_ℓ: slope of log test loss against log effective depth, bootstrap 95 % CI."""
@@ -107,8 +129,10 @@ class AlphaEll(Evaluator):
         ok = [r for r in runs if r.ok]
         depths = [r.depth for r in ok]
         losses = [r.final_loss for r in ok]
+        replicates = [r.replicate for r in ok]
         floor = self._floor(task, len(set(depths)))
         out = {"value": None, "ci95": None, "n_runs": len(ok), "n_depths": len(set(depths)),
+               "n_replicates": len(set(replicates)), "per_depth": per_depth(depths, losses),
                "floor_mode": "none" if floor is None else str(floor)}
         try:
             fit = fit_power_law(depths, losses, floor)
@@ -116,8 +140,11 @@ class AlphaEll(Evaluator):
             out["note"] = str(e)
             return out
         n_params = 3 if floor == "fit" else 2
-        if len(ok) > n_params:
-            ci, n_ok = bootstrap_alpha(depths, losses, floor, self.n_boot, self.boot_seed)
+        if len(set(replicates)) < 2:  # the spread of single runs is not noise that an interval could measure
+            ci, n_ok = None, 0
+            out["note"] = "no interval: one replicate (one run per depth) says nothing about the noise (add seeds or teachers)"
+        elif len(ok) > n_params:
+            ci, n_ok = bootstrap_alpha(depths, losses, floor, self.n_boot, self.boot_seed, replicates=replicates)
         else:  # the curve passes through every run: resamples could only repeat it
             ci, n_ok = None, 0
             out["note"] = f"no interval: {len(ok)} runs for a fit with {n_params} parameters (add seeds or depths)"
@@ -134,9 +161,11 @@ class AlphaEll(Evaluator):
         with figure(path, "effective depth ℓ", "test loss") as ax:
             d = np.array([r.depth for r in ok], float)
             loss = np.array([r.final_loss for r in ok], float)
-            ax.loglog(d, loss, "o", alpha=0.5, label="runs")
-            uniq = np.unique(d)
-            ax.loglog(uniq, [loss[d == u].mean() for u in uniq], "s", color="C0", label="mean over seeds")
+            ax.loglog(d, loss, "o", alpha=0.4, label="runs")
+            rows = per_depth(d, loss)
+            uniq = np.array([row["depth"] for row in rows], float)
+            ax.errorbar(uniq, [row["mean"] for row in rows], yerr=[row["se"] or 0.0 for row in rows], fmt="s",
+                        color="C0", capsize=3, label="mean over replicates ± s.e.")
             if result.get("value") is not None:
                 grid = np.geomspace(uniq.min(), uniq.max(), 50)
                 ci = result.get("ci95")

@@ -4,6 +4,11 @@ A frozen random teacher (128 residual MLP layers, width 32, vocabulary 128) maps
 to a distribution softmax(logits / T); the student minimises KL(teacher || student) on fresh
 batches. With an independent teacher every teacher layer is different (rough dynamics); with a
 tied teacher all layers share one set of weights (a smooth, Euler-discretised ODE).
+
+``head=teacher`` is the authors' exp-9-3 protocol: teacher and student read out through one frozen
+Gaussian matrix W ~ N(0, 1/d), and the student's logits are divided by T like the teacher's, so the
+student learns only its residual layers. ``objective=mse`` matches rmsnorm(h_L) of student and
+teacher instead (no head, no temperature).
 """
 
 from __future__ import annotations
@@ -16,22 +21,41 @@ import torch.nn.functional as F
 import archbench
 from archbench.blocks.residual import PAPER_1, ResidualMLP
 from archbench.knobs import Range
-from archbench.model import InputSpec, Readout, StreamModel, VectorEmbed
+from archbench.model import FixedReadout, InputSpec, Readout, StreamModel, VectorEmbed
 from archbench.task import Task, pure_loss
 
 EVAL_STREAM = 1_000_003  # offset of the held-out generator's seed from the teacher seed
 
 
-def make_teacher(kind: str, depth: int, dim: int, vocab: int, seed: int) -> StreamModel:
-    """PyTorch default init, W_proj scaled by 1/sqrt(depth), never trained; reproducible from ``seed``."""
+def make_teacher(kind: str, depth: int, dim: int, vocab: int, seed: int, head: str = "learned") -> StreamModel:
+    """PyTorch default init, W_proj scaled by 1/sqrt(depth), never trained; reproducible from ``seed``.
+
+    ``head``: ``learned`` (a default-initialised linear head), ``teacher`` (a frozen W ~ N(0, 1/d),
+    drawn after the layers, which the students share) or ``none`` (rmsnorm(h_L) itself)."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         n_distinct = 1 if kind == "tied" else depth
         layers = [ResidualMLP(dim=dim, layer_idx=l, depth=depth, zero_init=False, proj_scale=depth ** -0.5)
                   for l in range(n_distinct)]
         schedule = [0] * depth if kind == "tied" else None
-        teacher = StreamModel(VectorEmbed(dim, dim), layers, Readout(dim, vocab, zero_init=False), schedule)
+        if head == "learned":
+            readout = Readout(dim, vocab, zero_init=False)
+        else:
+            readout = FixedReadout(torch.randn(vocab, dim) * dim ** -0.5 if head == "teacher" else None)
+        teacher = StreamModel(VectorEmbed(dim, dim), layers, readout, schedule)
     return teacher.requires_grad_(False).eval()
+
+
+@pure_loss
+def kl_loss(logits, targets):  # KL(teacher || student), batch mean; targets are log-probabilities
+    logp = F.log_softmax(logits.squeeze(1).float(), dim=-1)
+    return (targets.exp() * (targets - logp)).sum(-1).mean()  # F.kl_div has no vmap rule
+
+
+@pure_loss
+def mse_loss(outputs, targets):  # mean squared error over the batch and the d coordinates of rmsnorm(h_L)
+    return (outputs.squeeze(1).float() - targets).pow(2).mean()
+
 
 
 @archbench.register_task("teacher-student", family="synthetic", citation=PAPER_1)
@@ -49,9 +73,21 @@ class TeacherStudent(Task):
         # hold-then-decay schedule. Far from converged for the tied teacher (see the README).
         "quick": {"depths": [4, 8, 16], "seeds": 1, "block": {"attention": False, "act": "relu2"},
                   "train": {"steps": 4000, "batch_size": 256, "lr": 3e-3, "schedule": "hold-decay"}},
-        "paper": {"depths": [6, 12, 16, 24, 32, 48], "seeds": 1, "block": {"attention": False, "act": "relu2"},
-                  "train": {"steps": 40_000, "batch_size": 1024, "lr": 6e-4}},
+        # The paper's basic run (the authors' exp-9): learned zero-init head, constant lr, fp32.
+        "paper": {"depths": [6, 12, 16, 24, 32, 48], "seeds": 1, "teachers": 3,
+                  "block": {"attention": False, "act": "relu2"},
+                  "train": {"steps": 40_000, "batch_size": 1024, "lr": 6e-4, "precision": "fp32",
+                            "eval_every": 500}},
+        # The longer protocol behind "tied teacher -> alpha 3" (exp-9-3): the shared frozen head, student
+        # logits over T, lr 6e-4 * 4/sqrt(l) held for 80 % then linearly down to 10 %, 80,000 steps.
+        "paper-long": {"depths": [6, 12, 16, 24, 32, 48], "seeds": 1, "teachers": 3,
+                       "task": {"teacher": "tied", "head": "teacher"},
+                       "block": {"attention": False, "act": "relu2"},
+                       "train": {"steps": 80_000, "batch_size": 1024, "lr": 6e-4, "lr_depth_ref": 16,
+                                 "schedule": "hold-decay", "hold_frac": 0.8, "final_lr_frac": 0.1,
+                                 "precision": "fp32", "eval_every": 500}},
     }
+    teacher_knob = "teacher_seed"
 
     def __init__(self, *, device="cpu",
                  teacher: Literal["independent", "tied"] = "independent",
@@ -61,16 +97,35 @@ class TeacherStudent(Task):
                  dim: int = 32,
                  vocab: int = 128,
                  teacher_seed: int = 0,
-                 eval_batches: int = 10):
+                 eval_batches: int = 10,
+                 # learned: the student's own zero-init head; teacher: the teacher's frozen head (exp-9-3)
+                 head: Literal["learned", "teacher"] = "learned",
+                 objective: Literal["kl", "mse"] = "kl"):
         super().__init__(device=device)
         if temperature <= 0:
             raise archbench.UsageError(f"task.temperature must be > 0, got {temperature}")
-        self.temperature, self.dim, self.n_eval = temperature, dim, eval_batches
-        self.teacher = make_teacher(teacher, teacher_depth, dim, vocab, teacher_seed).to(self.device)
-        self.teacher_key = (teacher, teacher_depth, dim, vocab, teacher_seed)
+        if objective == "mse" and (head != "learned" or temperature != 1.0):
+            raise archbench.UsageError("task.objective=mse matches rmsnorm(h_L), with no head and no temperature: "
+                                       "leave task.head and task.temperature at their defaults")
+        self.temperature, self.dim, self.n_eval, self.head, self.objective = temperature, dim, eval_batches, head, objective
+        teacher_head = "none" if objective == "mse" else head
+        self.teacher = make_teacher(teacher, teacher_depth, dim, vocab, teacher_seed, teacher_head).to(self.device)
+        self.teacher_key = (teacher, teacher_depth, dim, vocab, teacher_seed, teacher_head)
         self.eval_seed = teacher_seed + EVAL_STREAM
-        self.input = InputSpec("vector", size=dim, out_dim=vocab)
+        self.input = InputSpec("vector", size=dim, out_dim=dim if objective == "mse" else vocab)
+        self.loss = mse_loss if objective == "mse" else kl_loss
         self._eval: dict[int, list] = {}
+
+    def readout(self, width):
+        if self.objective == "mse":
+            return FixedReadout(None)
+        if self.head == "learned":
+            return None
+        if width != self.dim:
+            raise archbench.UsageError(f"task.head=teacher: the student reads out through the teacher's head, so "
+                                       f"model.width must be the teacher's width {self.dim}, not {width}")
+        # the student's logits are divided by T like the teacher's
+        return FixedReadout(self.teacher.readout.weight, scale=1.0 / self.temperature)
 
     def stream_key(self):  # one teacher forward per step serves every temperature and student
         return ("teacher-student", self.teacher_key)
@@ -80,19 +135,16 @@ class TeacherStudent(Task):
         x = torch.randn(batch_size, self.dim, generator=generator, device=self.device)
         return x, self.teacher(x).squeeze(1).float()
 
-    def targets(self, x, teacher_logits):  # teacher log-probabilities at temperature T, (B, vocab)
-        return F.log_softmax(teacher_logits / self.temperature, dim=-1)
+    def targets(self, x, teacher_out):  # teacher log-probabilities at temperature T (B, vocab); mse: rmsnorm(h_L)
+        return teacher_out if self.objective == "mse" else F.log_softmax(teacher_out / self.temperature, dim=-1)
 
     def batch(self, batch_size, generator):
         x, teacher_logits = self.draw(batch_size, generator)
         return x, self.targets(x, teacher_logits)
 
-    @pure_loss
-    def loss(self, logits, targets):  # KL(teacher || student), batch mean
-        logp = F.log_softmax(logits.squeeze(1).float(), dim=-1)
-        return (targets.exp() * (targets - logp)).sum(-1).mean()  # F.kl_div has no vmap rule
-
     def metrics(self, logits, targets):
+        if self.objective == "mse":
+            return {}
         agree = logits.squeeze(1).argmax(-1) == targets.argmax(-1)
         return {"top1_agreement": agree.float().mean().item()}
 

@@ -63,3 +63,22 @@ def test_no_interval_when_the_fit_passes_through_every_run(make_run):
     rising = [make_run(d, 3.0 + 0.01 * d, seed=i) for i, d in enumerate((3, 6, 12, 12))]
     out = ev.evaluate_sweep(rising, task=None)
     assert out["value"] < 1e-6 and "does not fall with depth" in out["note"]
+
+
+def test_the_interval_resamples_replicates_and_a_single_one_gives_none(make_run):
+    """Each replicate (a teacher, say) shifts the loss at every depth alike: a bootstrap that moves a
+    replicate's runs together sees no noise in the slope; one over single runs would see the shifts."""
+    scale = (1.0, 1.3, 0.8)
+    runs = [make_run(int(d), float(c * d ** -2.0), seed=s) for s, c in enumerate(scale) for d in DEPTHS]
+    out = AlphaEll(n_boot=200).evaluate_sweep(runs, task=None)
+    assert out["value"] == pytest.approx(2.0) and out["n_replicates"] == 3
+    assert out["ci95"] == pytest.approx([2.0, 2.0], abs=1e-9)
+    case, _ = bootstrap_alpha([r.depth for r in runs], [r.final_loss for r in runs], n_boot=200)
+    assert case[1] - case[0] > 0.05
+    first = out["per_depth"][0]
+    assert first["depth"] == 6 and first["n"] == 3
+    assert first["mean"] == pytest.approx(np.mean(scale) / 36)
+    assert first["se"] == pytest.approx(np.std(scale, ddof=1) / np.sqrt(3) / 36)
+    one = AlphaEll().evaluate_sweep(runs[:6], task=None)  # one replicate: its pairwise slopes are not an interval
+    assert one["value"] == pytest.approx(2.0) and one["ci95"] is None and "one replicate" in one["note"]
+    assert one["per_depth"][0]["se"] is None

@@ -33,14 +33,18 @@ def _same(a, b, rtol=RTOL):
     for key in a:
         ra, rb = a[key], b[key]
         assert ra["final_loss"] == pytest.approx(rb["final_loss"], rel=rtol), key
-        ha, hb = ra["history"], rb["history"]
-        assert [s for s, _ in ha] == [s for s, _ in hb]
-        assert [v for _, v in ha] == pytest.approx([v for _, v in hb], rel=rtol), key
+        for field in ("history", "eval_history"):
+            ha, hb = ra[field], rb[field]
+            assert [s for s, _ in ha] == [s for s, _ in hb]
+            assert [v for _, v in ha] == pytest.approx([v for _, v in hb], rel=rtol), key
 
 
 @pytest.mark.parametrize("sets", [
     # temperatures share one teacher forward per step; two seeds; two depths -> two groups of four
     {"task": {"temperature": "1,0.25"}, "train": {"steps": "60"}},
+    # exp-9-3: the teacher's frozen head shared by students whose logits are divided by their own T,
+    # with held-out losses along the way
+    {"task": {"temperature": "1,0.25", "head": "teacher", "teacher": "tied"}, "train": {"steps": "60", "eval_every": "20"}},
     # per-run gradient clipping and timm's weight-decay groups, with a warmup-cosine schedule
     {"train": {"steps": "60", "grad_clip": "0.05", "optimizer": "adamw", "weight_decay": "0.1",
                "schedule": "cosine", "warmup_frac": "0.2"}},
@@ -55,6 +59,8 @@ def test_batched_training_gives_the_plain_loops_losses(tmp_path, sets):
     _same(rf, rp)
     n = len(rf)
     assert n == (8 if "task" in sets else 4)
+    evals = sets["train"].get("eval_every")
+    assert all(len(r["eval_history"]) == (3 if evals else 0) for r in rf.values())
     assert all(r["engine"]["name"] == "batched" and r["engine"]["runs"] == n for r in rf.values())
     assert all(r["engine"] == {"name": "plain"} for r in rp.values())
     fits = [res["metrics"]["alpha-ell"].get("points", [res["metrics"]["alpha-ell"]]) for res in (fast, plain)]

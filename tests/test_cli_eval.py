@@ -26,8 +26,9 @@ def test_smoke_preset_end_to_end_then_cached(main, tmp_path):
         assert run["status"] == "ok" and run["final_loss"] > 0 and run["params"] > 0 and not run["cached"]
     assert res["runs"][0]["params"] < res["runs"][2]["params"]
     a = res["alpha_ell"]
-    assert a["value"] > 0 and a["ci95"][0] <= a["value"] <= a["ci95"][1]
-    assert res["metrics"]["alpha-ell"]["n_runs"] == 3
+    # one run per depth: no interval, and the line says why
+    assert a["value"] > 0 and a["ci95"] is None and "one replicate" in r.stdout
+    assert res["metrics"]["alpha-ell"]["n_runs"] == 3 and res["metrics"]["alpha-ell"]["n_replicates"] == 1
     assert res["config"]["train"]["steps"] == 150 and res["config"]["task"]["teacher"] == "independent"
     expected = "cuda" if torch.cuda.is_available() else "cpu"  # --device auto
     assert res["env"]["torch"] and res["env"]["device"].startswith(expected) and "archbench" in res["env"]
@@ -261,3 +262,21 @@ def test_test_time_depth_evaluates_trained_weights_at_other_recurrences(main, tm
     assert got["by_recurrence"]["2"]["loss"] == pytest.approx(run["final_loss"], rel=rel)
     assert got["by_recurrence"]["6"]["loss"] != pytest.approx(run["final_loss"], rel=1e-3)
     assert out.with_suffix(".test-time-depth.png").exists()
+
+
+def test_teachers_are_replicates_whose_runs_are_the_teacher_seed_runs(main, tmp_path):
+    base = ["eval", "--preset", "smoke", "--depths", "2,4", "--set", "train.steps=20", "--runs-dir", tmp_path / "runs"]
+    assert main(*base, "--set", "task.teacher_seed=1", "--out", tmp_path / "one.json").returncode == 0
+    r = main(*base, "--teachers", "2", "--out", tmp_path / "two.json")
+    assert r.returncode == 0, r.stderr
+    res = json.loads((tmp_path / "two.json").read_text())
+    assert [(run["teacher"], run["depth"], run["cached"]) for run in res["runs"]] == [
+        (0, 2, False), (0, 4, False), (1, 2, True), (1, 4, True)]  # teacher 1's runs were the first command's
+    alpha = res["metrics"]["alpha-ell"]
+    assert "points" not in alpha and alpha["n_replicates"] == 2 and alpha["n_runs"] == 4
+    assert alpha["ci95"] is not None and res["config"]["teachers"] == 2
+    for args, says in ((["--task", "lm-char", "--teachers", "2"], "task 'lm-char' has no teachers"),
+                       (["--teachers", "2", "--set", "task.teacher_seed=3"], "both choose the teachers"),
+                       (["--teachers", "0"], "at least one teacher")):
+        bad = main("eval", *args, "--runs-dir", tmp_path / "runs")
+        assert bad.returncode == 2 and says in bad.stderr and bad.stderr.count("\n") == 1, bad.stderr

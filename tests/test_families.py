@@ -209,3 +209,19 @@ def test_hourglass_traces_the_full_resolution_stream():
     assert [h.shape for h in t.states] == [torch.Size([3, 7, WIDTH])] * 6
     skipped = trace(model, tokens(seq=7), skip=[2])  # a short layer: its state is kept
     assert torch.equal(skipped.states[3], skipped.states[2])
+
+
+def test_rk2_student_block_is_the_midpoint_step():
+    """residual-mlp-rk2: mid = h + ½·MLP₁(rmsnorm(h)), out = h + MLP₂(rmsnorm(mid)); the identity at init."""
+    from archbench.blocks.residual import ResidualMLPRK2
+
+    torch.manual_seed(0)
+    block = ResidualMLPRK2(8, 0, 1, zero_init=False)
+    x = torch.randn(4, 1, 8)
+
+    def branch(mlp, h):
+        return mlp.fc2(torch.relu(mlp.fc1(torch.nn.functional.rms_norm(h, (8,)))) ** 2)
+
+    mid = x + 0.5 * branch(block.mlp1, x)
+    assert torch.allclose(block(x), x + branch(block.mlp2, mid), atol=1e-6)
+    assert torch.equal(ResidualMLPRK2(8, 0, 1)(x), x)

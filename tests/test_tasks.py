@@ -3,7 +3,8 @@ import torch
 import torch.nn.functional as F
 
 from archbench.errors import ArchbenchError
-from archbench.registry import TASKS
+from archbench.model import build_model
+from archbench.registry import BLOCKS, TASKS
 from archbench.tasks.teacher_student import TeacherStudent, make_teacher
 
 
@@ -47,6 +48,41 @@ def test_teacher_student_targets_loss_and_heldout_set():
     assert not torch.equal(task.batch(16, g)[0], x)
     e1, e2 = task.eval_batches(16), small_teacher_task(temperature=0.5).eval_batches(16)
     assert len(e1) == 2 and all(torch.equal(a[0], b[0]) for a, b in zip(e1, e2))
+
+
+def test_shared_frozen_head_is_the_teachers_and_the_students_logits_are_over_t():
+    """exp-9-3: teacher and student read out through one W ~ N(0, 1/d), a buffer, and the student's
+    logits are divided by T like the teacher's, so a student that copies the teacher has zero loss."""
+    task = small_teacher_task(head="teacher", teacher="tied", temperature=0.25, vocab=2048)
+    w = task.teacher.readout.weight
+    assert not w.requires_grad and w.shape == (2048, 32)
+    assert w.std().item() == pytest.approx(32 ** -0.5, rel=0.02) and abs(w.mean().item()) < 0.01
+    student = build_model(BLOCKS.get("residual-mlp").obj, {"act": "relu2"}, 8, task.input, 32,
+                          readout=task.readout(32))
+    assert torch.equal(student.readout.weight, w) and "readout.weight" in student.state_dict()
+    assert all("readout" not in n for n, _ in student.named_parameters())  # the student learns its layers only
+    x, logp = task.batch(16, torch.Generator().manual_seed(0))
+    h = torch.nn.functional.rms_norm(torch.randn(16, 1, 32), (32,))
+    assert torch.allclose(student.readout(h), h @ w.T / 0.25, atol=1e-5)
+    assert torch.allclose(task.teacher.readout(h), h @ w.T, atol=1e-5)
+    assert task.loss(task.teacher(x) / 0.25, logp).item() == pytest.approx(0.0, abs=1e-6)
+    with pytest.raises(ArchbenchError, match="model.width must be the teacher's width 32"):
+        task.readout(64)
+    # the default protocol is unchanged: a learned head, and the teacher's own default-initialised one
+    assert small_teacher_task().readout(32) is None
+
+
+def test_mse_objective_matches_the_normalised_final_states():
+    task = small_teacher_task(objective="mse")
+    x, target = task.batch(16, torch.Generator().manual_seed(0))
+    assert task.input.out_dim == 32 and target.shape == (16, 32)
+    assert torch.allclose(target.pow(2).mean(-1), torch.ones(16), atol=1e-4)  # rmsnorm(h_L) of the teacher
+    out = torch.randn(16, 1, 32)
+    assert task.loss(out, target).item() == pytest.approx(((out.squeeze(1) - target) ** 2).mean().item())
+    assert task.readout(32)(2 * out).allclose(torch.nn.functional.rms_norm(out, (32,)), atol=1e-5)
+    for bad in ({"head": "teacher"}, {"temperature": 0.5}):
+        with pytest.raises(ArchbenchError, match="objective=mse"):
+            small_teacher_task(objective="mse", **bad)
 
 
 def test_lm_char_batches_are_shifted_windows():

@@ -62,9 +62,12 @@ def test_training_reduces_loss_and_repeats_exactly():
 
 
 def test_resume_from_checkpoint_continues_exactly(tmp_path):
-    cfg = TrainConfig(steps=40, batch_size=32, lr=3e-3, log_every=10, checkpoint_every=20, schedule="cosine")
+    cfg = TrainConfig(steps=40, batch_size=32, lr=3e-3, log_every=10, checkpoint_every=20, schedule="cosine",
+                      eval_every=10)
     ref_model, task = setup()
     ref = train(ref_model, task, cfg, seed=1, depth=2)
+    # the held-out loss every eval_every steps, the last one the run's final loss
+    assert [s for s, _ in ref.eval_history] == [10, 20, 30, 40] and ref.eval_history[-1][1] == ref.final_loss
 
     ckpt = tmp_path / "run.ckpt.pt"
     model, _ = setup()
@@ -81,6 +84,8 @@ def test_resume_from_checkpoint_continues_exactly(tmp_path):
     resumed = train(fresh, task, cfg, seed=1, depth=2, checkpoint=ckpt)
     assert resumed.final_loss == pytest.approx(ref.final_loss, rel=1e-6)
     assert [v for _, v in resumed.history] == pytest.approx([v for _, v in ref.history], rel=1e-6)
+    assert [s for s, _ in resumed.eval_history] == [s for s, _ in ref.eval_history]
+    assert [v for _, v in resumed.eval_history] == pytest.approx([v for _, v in ref.eval_history], rel=1e-6)
 
 
 class Unnormed(torch.nn.Module):

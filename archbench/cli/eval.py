@@ -25,6 +25,8 @@ def add_arguments(p):
                    help="recurrent blocks: iteration counts r, e.g. 1,2,4,8, swept at fixed parameters "
                         "(replaces --depths; effective depth = prelude + r*core + coda)")
     p.add_argument("--seeds", type=int, default=None, help="seeds per depth (default: preset's)")
+    p.add_argument("--teachers", type=int, default=None, metavar="N",
+                   help="replicate over teachers 0..N-1 too, on tasks with teachers (default: preset's)")
     p.add_argument("--set", dest="sets", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="override a knob: task.teacher=tied, train.steps=2000, model.width=32, block.heads=2; "
                         "a comma list sweeps it: task.k=1,2,4")
@@ -45,7 +47,7 @@ def run(args) -> int:
     from archbench.sweep import run_eval
 
     spec = EvalSpec(block=args.block, task=args.task, preset=args.preset,
-                    depths=int_list(args.depths) if args.depths else None, seeds=args.seeds,
+                    depths=int_list(args.depths) if args.depths else None, seeds=args.seeds, teachers=args.teachers,
                     recurrence=int_list(args.recurrence, "--recurrence") if args.recurrence else None,
                     sets=parse_sets(args.sets),
                     evaluators=[e for e in args.evaluators.split(",") if e] if args.evaluators else None,
@@ -72,13 +74,15 @@ def runs_table(result):
     runs = result["runs"]
     gridded = any(r["vary"] for r in runs)
     judged = any(r.get("solved") is not None for r in runs)
+    teachers = any(r.get("teacher") is not None for r in runs)
     table = Table(title=f"{result['block']} on {result['task']} ({result['config']['preset']}, {result['env']['device']})")
-    for col in ["grid point"] * gridded + ["depth", "seed", "params", "test loss"] + ["solved"] * judged + [
-            "status", "train s", "cached"]:
+    for col in ["grid point"] * gridded + ["teacher"] * teachers + ["depth", "seed", "params", "test loss"] + \
+            ["solved"] * judged + ["status", "train s", "cached"]:
         table.add_column(col, justify="left" if col == "grid point" else "right")
     for r in runs:
         loss = f"{r['final_loss']:.5g}" if r["status"] == "ok" else r.get("failure") or "-"
-        row = [point_label(r["vary"])] * gridded + [str(r["depth"]), str(r["seed"]), f"{r['params']:,}", loss]
+        row = [point_label(r["vary"])] * gridded + [str(r.get("teacher"))] * teachers + \
+            [str(r["depth"]), str(r["seed"]), f"{r['params']:,}", loss]
         row += [{True: "yes", False: "no", None: "-"}[r.get("solved")]] * judged
         table.add_row(*row, r["status"], f"{r['wall_s']:.1f}", "yes" if r["cached"] else "")
     return table
