@@ -306,7 +306,9 @@ def build_model(block, block_kwargs: dict, depth: int, spec: InputSpec, width: i
         embed = VectorEmbed(spec.size, width)
     else:
         embed = TokenEmbed(spec.size, width, spec.seq_len)
-    return StreamModel(embed, body, readout if readout is not None else Readout(width, spec.out_dim, zero_init=zero_head))
+    if readout is None:
+        readout = Readout(width, spec.out_dim, zero_init=zero_head)
+    return StreamModel(embed, body, readout)
 
 
 def check_stream_shapes(model: StreamModel, x, block_name: str) -> None:

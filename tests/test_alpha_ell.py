@@ -82,3 +82,18 @@ def test_the_interval_resamples_replicates_and_a_single_one_gives_none(make_run)
     one = AlphaEll().evaluate_sweep(runs[:6], task=None)  # one replicate: its pairwise slopes are not an interval
     assert one["value"] == pytest.approx(2.0) and one["ci95"] is None and "one replicate" in one["note"]
     assert one["per_depth"][0]["se"] is None
+
+
+def test_alpha_against_training_steps_from_the_held_out_losses_along_training(make_run):
+    runs = []
+    for s, c in enumerate((1.0, 1.2)):
+        for d in DEPTHS:
+            run = make_run(int(d), float(c * d ** -2.0), seed=s)
+            run.eval_history = [[100, float(c * d ** -1.0)], [200, float(c * d ** -2.0)]]
+            runs.append(run)
+    runs[0].eval_history.insert(0, [50, 1.0])  # a step not every run measured is left out
+    out = AlphaEll(n_boot=100).evaluate_sweep(runs, task=None)
+    assert [b["step"] for b in out["by_step"]] == [100, 200]
+    assert [b["value"] for b in out["by_step"]] == pytest.approx([1.0, 2.0])
+    assert out["by_step"][0]["ci95"] == pytest.approx([1.0, 1.0]) and out["by_step"][1]["per_depth"][0]["n"] == 2
+    assert "by_step" not in AlphaEll().evaluate_sweep([make_run(d, d ** -1.0) for d in (2, 4)], task=None)

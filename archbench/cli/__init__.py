@@ -15,7 +15,8 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from archbench.cli import analyze, bench, eval as eval_cmd, fit_scaling, leaderboard, list as list_cmd, search
+    from archbench.cli import (analyze, bench, compare, eval as eval_cmd, fit_scaling, leaderboard,
+                               list as list_cmd, search)
 
     common = _Parser(add_help=False)
     common.add_argument("--plugins", action="append", default=[], metavar="FILE.py",
@@ -25,7 +26,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser.add_argument("--version", action="version", version=f"archbench {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
-    for module in (list_cmd, eval_cmd, analyze, fit_scaling, search, leaderboard, bench):
+    for module in (list_cmd, eval_cmd, compare, analyze, fit_scaling, search, leaderboard, bench):
         p = sub.add_parser(module.NAME, parents=[common], help=module.HELP, description=module.HELP)
         module.add_arguments(p)
         p.set_defaults(run=module.run, trailing=getattr(module, "TRAILING", None))

@@ -101,6 +101,10 @@ def summary_lines(result) -> list[str]:
                 continue
             ci = f"  95% CI [{a['ci95'][0]:.3f}, {a['ci95'][1]:.3f}]" if a.get("ci95") else ""
             lines.append(f"alpha_ell{where} = {a['value']:.3f}{ci}" + (f"  ({a['note']})" if a.get("note") else ""))
+            if a.get("by_step"):
+                lines.append(f"alpha_ell{where} against training steps: " + ", ".join(
+                    f"{b['step']}: {b['value']:.3f}" + (f" [{b['ci95'][0]:.3f}, {b['ci95'][1]:.3f}]" if b["ci95"] else "")
+                    for b in a["by_step"]))
     for r in metrics.get("regime", {}).get("points", [metrics.get("regime")]):
         if r:
             where = f" ({point_label(r['vary'])})" if r.get("vary") else ""
