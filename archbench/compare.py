@@ -38,6 +38,13 @@ class Side:
         return out
 
 
+def side_of_records(label: str, runs: list, floor) -> Side:
+    """A Side from finished ``RunRecord``s (the leaderboard's rows)."""
+    ok = [r for r in runs if r.ok]
+    return Side(label, np.array([r.effective_depth for r in ok], float), np.array([r.final_loss for r in ok], float),
+                [r.replicate for r in ok], floor)
+
+
 def load_result(path: str | Path) -> dict:
     """A result JSON written by ``archbench eval --out``; one clear line if it is not one."""
     path = Path(path)

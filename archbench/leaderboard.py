@@ -22,9 +22,11 @@ from pathlib import Path
 from typing import Any
 
 import archbench
-from archbench.errors import ArchbenchError
-from archbench.knobs import knobs_of, resolve
+from archbench.compare import compare_sides, side_of_records
 from archbench.config import ModelConfig
+from archbench.errors import ArchbenchError, UsageError
+from archbench.evaluators.alpha_ell import AlphaEll
+from archbench.knobs import knobs_of, resolve
 from archbench.records import NUMERICS_VERSION, RunRecord, RunStore, atomic_write_text, digest
 from archbench.sweep import make_task
 
@@ -38,6 +40,9 @@ COLUMNS = {
     "depths": "effective depths trained (prelude + r·core + coda for recurrent blocks)",
     "seeds": "seeds per depth",
     "replicates": "replicates per depth (student seeds × teachers); the α_ℓ interval resamples them",
+    "vs_baseline": "α_ℓ minus the baseline row's (the task's baseline block at default knobs), with the bootstrap 95 % "
+                   "interval of the difference over replicates (paired where both ran the same ones) and the verdict "
+                   "of `archbench compare`",
     "alpha": "α_ℓ: slope of log held-out loss against log effective depth (1 = ensemble averaging)",
     "alpha_ci95": "bootstrap 95 % interval of α_ℓ (none when the runs leave no freedom to resample)",
     "loss": "held-out loss at the largest depth (mean over seeds)",
@@ -99,12 +104,16 @@ def table_identity(task_name: str, task_cfg: dict, train: dict) -> tuple[str, st
     from archbench.train import TrainConfig
 
     task = TASKS.get(task_name).obj
-    presets = {name: (resolve(TrainConfig, "train", p.get("train", {})), resolve(task, "task", p.get("task", {})))
+
+    def settings(sets: dict) -> dict:  # the task's knobs but its teacher (a replicate, like the seed)
+        return {k: v for k, v in resolve(task, "task", sets).items() if k != getattr(task, "teacher_knob", None)}
+
+    presets = {name: (resolve(TrainConfig, "train", p.get("train", {})), settings(p.get("task", {})))
                for name, p in task.presets.items()}
     # the preset whose training budget this is; else the one whose task settings these are
     preset_name = next((n for n, (tr, _) in presets.items() if tr == train), None)
     near = preset_name or next((n for n, (_, tc) in presets.items() if tc == task_cfg), None)
-    diff = _diff(task_cfg, presets[near][1] if near else resolve(task, "task", {}))
+    diff = _diff(task_cfg, presets[near][1] if near else settings({}))
     name = task_name + "".join(f"__{k}-{v}" for k, v in diff.items())
     if near:
         name += f"__{near}"
@@ -130,6 +139,7 @@ def build_rows(records: list[RunRecord], studies: dict[str, list] | None = None,
         by_sweep.setdefault(sweep_id(r), []).append(r)
     tables: dict[str, dict] = {}
     task_objects: dict[str, Any] = {}
+    sides: dict[str, Any] = {}  # sweep id -> its runs as archbench.compare sees them
     for sid, runs in sorted(by_sweep.items()):
         spec = runs[0].spec
         if spec["task"] not in TASKS or spec["block"] not in BLOCKS:
@@ -159,10 +169,32 @@ def build_rows(records: list[RunRecord], studies: dict[str, list] | None = None,
             task_objects[tkey] = make_task(entries["task"], spec["task_cfg"], torch.device("cpu"))
         row = sweep_row(sid, runs, task_objects[tkey], entries["block"], entries["task"].obj.solve_metric is not None,
                         studies or {}, where or {})
+        sides[sid] = side_of_records(spec["block"], runs, AlphaEll().floor_for(task_objects[tkey], len(row["depths"])))
         table = tables.setdefault(name, {"task": spec["task"], "task_cfg": without_teacher(spec)["task_cfg"],
                                          "task_diff": task_diff, "preset": preset, "train": spec["train"], "rows": {}})
         table["rows"][sid] = row
+    for table in tables.values():
+        against_baseline(table, sides)
     return tables
+
+
+def against_baseline(table: dict, sides: dict) -> None:
+    """Each row's α_ℓ minus the baseline row's (the task's ``baseline_block`` at default knobs), with the
+    bootstrap interval of the difference over replicates and a verdict (``archbench compare``'s)."""
+    from archbench.registry import TASKS
+
+    block = TASKS.get(table["task"]).obj.baseline_block
+    base = next((sid for sid, row in table["rows"].items() if row["block"] == block and not row["config"]), None)
+    for sid, row in table["rows"].items():
+        row["vs_baseline"] = None
+        if base is None or sid == base:
+            continue
+        try:
+            c = compare_sides(sides[sid], sides[base], n_boot=1000)
+        except (UsageError, ValueError):  # no shared depth, or a fit that cannot be made
+            continue
+        row["vs_baseline"] = {"baseline": base, "alpha_diff": c["alpha"]["diff"], "ci95": c["alpha"]["ci95"],
+                              "paired": c["replicates"]["paired"], "verdict": c["alpha"]["verdict"]}
 
 
 def sweep_row(sid, runs: list[RunRecord], task, block, solvable: bool, studies: dict, where: dict) -> dict:
@@ -279,7 +311,8 @@ def write_tables(tables: dict[str, dict], out: Path, command: str) -> list[Path]
     return written
 
 
-_CSV = ["id", "block", "config", "params", "depths", "seeds", "replicates", "alpha", "alpha_lo", "alpha_hi", "loss",
+_CSV = ["id", "block", "config", "params", "depths", "seeds", "replicates", "alpha", "alpha_lo", "alpha_hi",
+        "alpha_vs_baseline", "alpha_vs_baseline_lo", "alpha_vs_baseline_hi", "vs_baseline_verdict", "loss",
         "depth_to_solve", "phi_mid", "skip_effect_mean", "skip_centre", "regime", "failed_runs", "train_s", "device",
         "version", "source", "records"]
 
@@ -290,7 +323,11 @@ def to_csv(rows: list[dict]) -> str:
     w.writeheader()
     for r in rows:
         ci = r.get("alpha_ci95") or [None, None]
+        vs = r.get("vs_baseline") or {}
+        vs_ci = vs.get("ci95") or [None, None]
         w.writerow({**{k: r.get(k) for k in _CSV if k in r}, "alpha_lo": ci[0], "alpha_hi": ci[1],
+                    "alpha_vs_baseline": vs.get("alpha_diff"), "alpha_vs_baseline_lo": vs_ci[0],
+                    "alpha_vs_baseline_hi": vs_ci[1], "vs_baseline_verdict": vs.get("verdict"),
                     "config": " ".join(f"{k}={v}" for k, v in r["config"].items()),
                     "depths": ";".join(map(str, r["depths"])), "device": ";".join(r["device"]),
                     "version": ";".join(r["version"]), "records": ";".join(r["records"])})
@@ -315,14 +352,18 @@ def to_markdown(doc: dict, solvable: bool) -> str:
              f"- preset: **{doc['preset'] or 'custom'}**; training: {train}",
              f"- seeds per depth: {', '.join(map(str, seeds))}; every row's runs, config, versions and device are in "
              f"`{doc['table']}.json` (row id → `records`, each a run record under the runs directory)", ""]
-    cols = ["block", "config", "params", "depths", "α_ℓ [95 % CI]", "loss"] + ["depth to solve"] * solvable + \
+    cols = ["block", "config", "params", "depths", "α_ℓ [95 % CI]", "Δα_ℓ vs baseline [95 % CI]", "loss"] + \
+           ["depth to solve"] * solvable + \
            ["φ_mid", "skip effect (mean)", "skip centre", "regime", "train s", "device", "version", "source", "id"]
     lines += ["| " + " | ".join(cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
     for r in rows:
         ci = r.get("alpha_ci95")
         alpha = _f(r["alpha"]) + (f" [{_f(ci[0])}, {_f(ci[1])}]" if ci else "")
+        vs = r.get("vs_baseline")
+        versus = "–" if not vs else f"{vs['alpha_diff']:+.3g}" + (
+            f" [{vs['ci95'][0]:+.3g}, {vs['ci95'][1]:+.3g}]: {vs['verdict']}" if vs["ci95"] else ": no interval")
         cells = [r["block"], " ".join(f"{k}={_f(v)}" for k, v in r["config"].items()) or "defaults",
-                 f"{r['params']:,}" if r["params"] else "–", ",".join(map(str, r["depths"])), alpha,
+                 f"{r['params']:,}" if r["params"] else "–", ",".join(map(str, r["depths"])), alpha, versus,
                  _f(r["loss"], 4)]
         if solvable:
             cells.append(_f(r.get("depth_to_solve")) if r.get("depth_to_solve") is not None else "not solved")

@@ -49,6 +49,8 @@ class Task:
     # The knob that picks a task's teacher, where it has one: ``--teachers N`` replicates a sweep over
     # its values 0..N-1, like ``--seeds`` over student seeds.
     teacher_knob: ClassVar[str | None] = None
+    # The block every other is compared with in a leaderboard table (its row at default knobs).
+    baseline_block: ClassVar[str] = "residual"
 
     def __init__(self, *, device: str | torch.device = "cpu"):
         self.device = torch.device(device)

@@ -114,7 +114,8 @@ class AlphaEll(Evaluator):
                 raise UsageError(f"alpha-ell.floor={floor!r}: use auto, none, fit or a number") from None
         self.floor, self.n_boot, self.boot_seed = floor, n_boot, boot_seed
 
-    def _floor(self, task, n_depths):
+    def floor_for(self, task, n_depths: int):
+        """The loss floor the fit uses for ``task`` with ``n_depths`` depths (see the ``floor`` knob)."""
         if self.floor == "auto":
             if task is None:
                 return None
@@ -130,7 +131,7 @@ class AlphaEll(Evaluator):
         depths = [r.depth for r in ok]
         losses = [r.final_loss for r in ok]
         replicates = [r.replicate for r in ok]
-        floor = self._floor(task, len(set(depths)))
+        floor = self.floor_for(task, len(set(depths)))
         out = {"value": None, "ci95": None, "n_runs": len(ok), "n_depths": len(set(depths)),
                "n_replicates": len(set(replicates)), "per_depth": per_depth(depths, losses),
                "floor_mode": "none" if floor is None else str(floor)}
@@ -150,9 +151,28 @@ class AlphaEll(Evaluator):
             out["note"] = f"no interval: {len(ok)} runs for a fit with {n_params} parameters (add seeds or depths)"
         out.update(value=fit["alpha"], ci95=ci, c=fit["c"], floor=fit["floor"], residual_rms=fit["residual_rms"],
                    n_boot=n_ok)
+        if by_step := self._by_step(ok, floor, replicates):
+            out["by_step"] = by_step
         if floor == "fit" and fit["alpha"] < 1e-6:
             out["note"] = "alpha is at its bound 0: the loss does not fall with depth over these depths"
         return out
+
+    def _by_step(self, ok, floor, replicates) -> list[dict]:
+        """α_ℓ at every step where all runs measured their held-out loss (``train.eval_every``), with its
+        interval over replicates: how the exponent develops during training."""
+        steps = set.intersection(*(set(s for s, _ in r.eval_history) for r in ok)) if ok else set()
+        rows = []
+        for step in sorted(steps):
+            losses = [next(v for s, v in r.eval_history if s == step) for r in ok]
+            depths = [r.depth for r in ok]
+            try:
+                value = fit_power_law(depths, losses, floor)["alpha"]
+            except ValueError:
+                continue
+            ci = bootstrap_alpha(depths, losses, floor, self.n_boot, self.boot_seed, replicates=replicates)[0] \
+                if len(set(replicates)) > 1 else None
+            rows.append({"step": step, "value": value, "ci95": ci, "per_depth": per_depth(depths, losses)})
+        return rows if len(rows) > 1 else []
 
     def plot(self, result, runs, path: Path) -> bool:
         ok = [r for r in runs if r.ok]

@@ -88,6 +88,7 @@ class TeacherStudent(Task):
                                  "precision": "fp32", "eval_every": 500}},
     }
     teacher_knob = "teacher_seed"
+    baseline_block = "residual-mlp"  # the paper's student
 
     def __init__(self, *, device="cpu",
                  teacher: Literal["independent", "tied"] = "independent",

@@ -49,6 +49,12 @@ def test_tables_match_the_evaluators_and_trace_to_records(main, swept, tmp_path)
         assert sorted(row["records"]) == sorted(run["key"] for run in res["runs"])
         assert row["depths"] == [3, 6, 12] and row["device"] == ["cpu"] and row["version"][0].startswith("0.")
         assert row["train_s"] == pytest.approx(sum(run["wall_s"] for run in res["runs"]), abs=0.2)
+    # each row against the baseline row (residual-mlp at default knobs on teacher-student): one replicate
+    # each, so a difference without an interval
+    assert rows["residual-mlp"]["vs_baseline"] is None
+    vs = rows["rezero"]["vs_baseline"]
+    assert vs["alpha_diff"] == pytest.approx(rows["rezero"]["alpha"] - rows["residual-mlp"]["alpha"])
+    assert vs["ci95"] is None and vs["verdict"] == "no interval" and vs["paired"]
     # sorted by alpha; the Markdown says how it was made and what the columns mean
     assert [r["alpha"] for r in doc["rows"]] == sorted((r["alpha"] for r in doc["rows"]), reverse=True)
     text = md.read_text()
