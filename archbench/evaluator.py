@@ -12,7 +12,8 @@ Two kinds, registered with ``@archbench.register_evaluator("name")``:
   called as ``evaluate_sweep(runs, task, models)`` and ``models(run)`` loads a run's trained model.
   ``requires`` names evaluators whose per-run results it reads (they run first).
 
-Results are plain JSON-ready numbers. ``plot(result, runs, path)`` may draw a PNG figure.
+Results are plain JSON-ready numbers. ``plot(result, runs, path)`` may draw a PNG figure, and
+``plot_points(knobs, results, path)`` one across the grid points when one or two knobs are swept.
 Knobs are ``__init__`` keyword arguments, set with ``--set NAME.knob=value``.
 """
 
@@ -51,6 +52,11 @@ class Evaluator:
 
     def plot(self, result: dict, runs: list[RunRecord], path: Path) -> bool:
         """Draw this evaluator's figure to ``path``; return False if it has none."""
+        return False
+
+    def plot_points(self, knobs: list[str], points: list[dict], path: Path) -> bool:
+        """A per-point sweep evaluator's figure across the grid when one or two knobs are swept (``points``:
+        its per-point results, each with its ``vary``); return False if it has none."""
         return False
 
 

@@ -242,6 +242,11 @@ class Sweep:
                     result = {"vary": vary, **sweep(rs, self.task(c))}
                     metrics[name]["points"].append(result)
                     plot(name, ev, result, rs, "." + point_label(vary).replace(", ", "_").replace("=", "-"))
+                if len(self.config.grid) <= 2 and self.spec.plots:  # the result against the swept knob(s)
+                    knobs = list(self.config.grid)
+                    path = self.out.with_suffix(f".{name}.{'.'.join(k.split('.', 1)[1] for k in knobs)}.png")
+                    if ev.plot_points(knobs, metrics[name]["points"], path):
+                        plots.append(str(path))
         return metrics, plots
 
     def write_result(self, records: list[RunRecord], metrics: dict, plots: list[str]) -> dict:

@@ -143,7 +143,8 @@ class AlphaEll(Evaluator):
         n_params = 3 if floor == "fit" else 2
         if len(set(replicates)) < 2:  # the spread of single runs is not noise that an interval could measure
             ci, n_ok = None, 0
-            out["note"] = "no interval: one replicate (one run per depth) says nothing about the noise (add seeds or teachers)"
+            out["note"] = ("no interval: one replicate (one run per depth) says nothing about the noise "
+                           "(add seeds or teachers)")
         elif len(ok) > n_params:
             ci, n_ok = bootstrap_alpha(depths, losses, floor, self.n_boot, self.boot_seed, replicates=replicates)
         else:  # the curve passes through every run: resamples could only repeat it
@@ -192,4 +193,29 @@ class AlphaEll(Evaluator):
                 ci_txt = f" [{ci[0]:.2f}, {ci[1]:.2f}]" if ci else ""
                 ax.loglog(grid, result["c"] * grid ** -result["value"] + result["floor"], "-", color="C1",
                           label=f"fit α_ℓ = {result['value']:.2f}{ci_txt}")
+        return True
+
+    def plot_points(self, knobs, points, path: Path) -> bool:
+        """α_ℓ with its 95 % interval against a numeric swept knob (the paper's α_ℓ against temperature), one
+        line per value of the other knob if two are swept (the teacher kind, say)."""
+        numeric = [k for k in knobs if all(isinstance(p["vary"][k], (int, float)) for p in points)]
+        if not numeric:
+            return False
+        x_knob = max(numeric, key=lambda k: len({p["vary"][k] for p in points}))
+        series: dict[str, list] = {}
+        for p in points:
+            if p.get("value") is not None:
+                label = ", ".join(f"{k.split('.', 1)[1]}={p['vary'][k]}" for k in knobs if k != x_knob)
+                series.setdefault(label, []).append((p["vary"][x_knob], p["value"], p.get("ci95")))
+        if not any(len(rows) > 1 for rows in series.values()):
+            return False
+        with figure(path, x_knob.split(".", 1)[1], "α_ℓ") as ax:
+            for label, rows in series.items():
+                rows.sort()
+                x, y = np.array([r[0] for r in rows], float), np.array([r[1] for r in rows], float)
+                err = [[r[1] - r[2][0] if r[2] else 0.0 for r in rows], [r[2][1] - r[1] if r[2] else 0.0 for r in rows]]
+                ax.errorbar(x, y, yerr=err, fmt="o-", capsize=3, label=label or "α_ℓ (95 % interval over replicates)")
+            xs = [r[0] for rows in series.values() for r in rows]
+            if min(xs) > 0 and max(xs) / min(xs) >= 10:
+                ax.set_xscale("log")
         return True

@@ -97,3 +97,12 @@ def test_alpha_against_training_steps_from_the_held_out_losses_along_training(ma
     assert [b["value"] for b in out["by_step"]] == pytest.approx([1.0, 2.0])
     assert out["by_step"][0]["ci95"] == pytest.approx([1.0, 1.0]) and out["by_step"][1]["per_depth"][0]["n"] == 2
     assert "by_step" not in AlphaEll().evaluate_sweep([make_run(d, d ** -1.0) for d in (2, 4)], task=None)
+
+
+def test_alpha_against_a_swept_knob_is_drawn_per_value_of_the_other(tmp_path):
+    points = [{"vary": {"task.temperature": t, "task.teacher": kind}, "value": v, "ci95": [v - 0.1, v + 0.1]}
+              for kind, v0 in (("independent", 1.0), ("tied", 2.0)) for t, v in ((0.01, v0), (0.1, v0 + 0.5), (1.0, v0 + 1))]
+    path = tmp_path / "a.png"
+    assert AlphaEll().plot_points(["task.temperature", "task.teacher"], points, path) and path.stat().st_size > 1000
+    kinds = [{"vary": {"task.teacher": k}, "value": 1.0, "ci95": None} for k in ("independent", "tied")]
+    assert not AlphaEll().plot_points(["task.teacher"], kinds, tmp_path / "b.png")  # nothing numeric to draw against
