@@ -76,7 +76,7 @@ def run_analyze(spec: AnalyzeSpec, console: Console | None = None) -> dict:
     load_s = time.perf_counter() - t0
     described = model.describe()
     config = {"model": described["source"] if "source" in described else spec.hf_model, "text": task.describe(),
-              "evaluators": knobs, "dtype": spec.dtype}
+              "evaluators": knobs, "versions": {n: e.version for n, e in entries.items()}, "dtype": spec.dtype}
     path = result_path(spec, config)
     path.parent.mkdir(parents=True, exist_ok=True)
     previous = _load_previous(path, config)

@@ -37,8 +37,8 @@ from archbench.records import RunRecord
 OUTPUT = ("output_l2", "output_kl", "top1_flip", "loss_increase")
 
 
-# 2: effect_on_later, depth_score renamed skip_effect, skip_centre
-@archbench.register_evaluator("skip-sensitivity", family="skipping", version=2,
+# 2: effect_on_later, depth_score renamed skip_effect, skip_centre; 3: halves of output_l2_max
+@archbench.register_evaluator("skip-sensitivity", family="skipping", version=3,
                               citation="Csordás, Manning, Potts 2025 (arXiv 2505.13898)")
 class SkipSensitivity(Evaluator):
     """Skip each effective layer (or its attention or MLP) and measure later layers and the output."""
@@ -94,8 +94,12 @@ class SkipSensitivity(Evaluator):
         total = sum(e)
         out["skip_centre"] = sum(s * v for s, v in enumerate(e)) / total if total > 0 else None
         out["skip_centre_relative"] = out["skip_centre"] / (L - 1) if out["skip_centre"] is not None else None
-        out["halves"] = {"output_l2": halves(out["variants"]["layer"]["output_l2"]), "skip_effect": halves(e)}
-        out["halves_inner"] = {"output_l2": halves(out["variants"]["layer"]["output_l2"], skip_ends=True),
+        # paper 2 reduces ‖Δp‖₂ by the maximum over positions (then prompts); the token mean is kept beside it
+        layer = out["variants"]["layer"]
+        out["halves"] = {"output_l2_max": halves(layer["output_l2_max"]), "output_l2": halves(layer["output_l2"]),
+                         "skip_effect": halves(e)}
+        out["halves_inner"] = {"output_l2_max": halves(layer["output_l2_max"], skip_ends=True),
+                               "output_l2": halves(layer["output_l2"], skip_ends=True),
                                "skip_effect": halves(e[1:])}  # e stops before the last layer
         return out
 

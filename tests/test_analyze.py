@@ -43,6 +43,10 @@ def test_analyze_smollm2_end_to_end(main, smollm2, tmp_path, monkeypatch):
     assert sim["cka_method"] == "minibatch" and sim["lens_tokens"] == 16
     assert skip["tokens"] == 16 and set(skip["variants"]) == {"layer", "attn", "mlp", "local", "future"}
     assert "paper-2 pattern" in r.stdout and res["peak_rss_mib"] > 0 and len(res["files"]["plots"]) == 2
+    # paper 2's statistic is the maximum over positions; the token mean is shown beside it, named as such
+    top, mean = skip["halves"]["output_l2_max"], skip["halves"]["output_l2"]
+    assert top["first_half"] >= mean["first_half"] and top["second_half"] >= mean["second_half"]
+    assert "max over positions" in r.stdout and "the token mean, not paper 2's statistic" in r.stdout
     r = main(*args)  # everything is reused
     assert r.returncode == 0 and r.stderr.count("reusing the result") == 2
     assert asked == [("smollm2-135m", "cpu", torch.float32)] * 2

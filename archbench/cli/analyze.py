@@ -70,17 +70,20 @@ def summary_lines(result: dict) -> list[str]:
     skip = m.get("skip-sensitivity")
     if skip:
         h = skip["halves"]
-        lines.append(f"skipping one layer, ‖Δp‖₂: {_halves(h['output_l2'], '.4f')}; effect on later layers "
+        lines.append(f"skipping one layer, ‖Δp‖₂ max over positions (paper 2's): {_halves(h['output_l2_max'], '.4f')}; "
+                     f"token mean {_halves(h['output_l2'], '.4f', short=True)}; effect on later layers "
                      f"{_halves(h['skip_effect'], '.3f', short=True)}")
         if skip.get("skip_centre") is not None:
             lines.append(f"skip centre {skip['skip_centre']:.2f} of {skip['depth'] - 1} "
                          f"(relative {skip['skip_centre_relative']:.2f})")
     if sim and skip:
         for key, where in (("halves", "all layers"), ("halves_inner", "without the first and last layer")):
-            c, o = sim[key]["rel_contribution"], skip[key]["output_l2"]
+            c, o, mean = sim[key]["rel_contribution"], skip[key]["output_l2_max"], skip[key]["output_l2"]
             if c and o:
                 holds = c["first_half"] > c["second_half"] and o["first_half"] > o["second_half"]
                 lines.append(f"paper-2 pattern (first half contributes more and is less skippable), {where}: "
                              f"{'holds' if holds else 'does not hold'} (contribution {c['first_half']:.3f} vs "
-                             f"{c['second_half']:.3f}, skip ‖Δp‖₂ {o['first_half']:.4f} vs {o['second_half']:.4f})")
+                             f"{c['second_half']:.3f}, skip ‖Δp‖₂ max over positions {o['first_half']:.4f} vs "
+                             f"{o['second_half']:.4f}; the token mean, not paper 2's statistic: "
+                             f"{mean['first_half']:.4f} vs {mean['second_half']:.4f})")
     return lines
