@@ -15,8 +15,10 @@ attention and MLP outputs a_l and m_l (taps ``attn_out``, ``mlp_out``):
   c_l = h_{l+1} − h_l, and the cosine of each with the residual it is added to.
 - Logit lens: p_l = readout(h_l) (the model's own final norm and head); KL(p_l ‖ p_L), top-5
   overlap with the final prediction, and the task loss of p_l.
-- Gromov et al. 2024: angular distance arccos(cos)/π between every pair of states (token mean);
-  for each block size n the start ℓ whose d(h_ℓ, h_{ℓ+n}) is smallest is the most prunable.
+- Gromov et al. 2024: angular distance arccos(cos)/π between every pair of states, as a mean over
+  all tokens (``angular_distance``) and, as the paper measures it, at the last token of each
+  sequence (``angular_distance_last``); for each block size n the start ℓ whose d(h_ℓ, h_{ℓ+n}) is
+  smallest is the most prunable (``prunable``, ``prunable_last``).
   Block Influence (ShortGPT) 1 − cos(h_l, h_{l+1}).
 - Linear CKA between every pair of states (exact, or the unbiased minibatch estimator).
 
@@ -45,7 +47,14 @@ CITATION = ("Liu et al. 2026 (arXiv 2602.05970); Csordás et al. 2025 (arXiv 250
             "Gromov et al. 2024 (arXiv 2403.17887); Men et al. 2024 (ShortGPT); Kornblith et al. 2019 (CKA)")
 
 
-@archbench.register_evaluator("layer-similarity", family="similarity", citation=CITATION)
+def angular_distances(s: torch.Tensor) -> torch.Tensor:
+    """arccos(cos)/π between every pair of states, per token: (L+1, N, D) -> (L+1, L+1, N)."""
+    sn = s / s.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    return torch.arccos(torch.einsum("ind,jnd->ijn", sn, sn).clamp(-1.0, 1.0)) / torch.pi
+
+
+# 2: angular distance and prunable blocks at the last token too (angular_distance_last, prunable_last)
+@archbench.register_evaluator("layer-similarity", family="similarity", citation=CITATION, version=2)
 class LayerSimilarity(Evaluator):
     """Per-layer update angles, relative contributions, logit lens, angular distances and CKA."""
 
@@ -76,6 +85,8 @@ class LayerSimilarity(Evaluator):
             tr = trace(model, x)
             s = flat_states(tr.states)  # (L+1, N, D)
             self._stream_stats(s, tr.sublayers, sums)
+            # Gromov et al. measure at the last token of each sequence only
+            sums.add("angular_distance_last", angular_distances(torch.stack([h[:, -1] for h in tr.states])))
             theta = angle(s[:-1], s[1:])  # (L, N)
             if L >= 4:
                 classes += self._classify(theta, sums)
@@ -102,10 +113,12 @@ class LayerSimilarity(Evaluator):
         theta = sums.mean("theta")
         out["middle_theta"] = float(theta[1:-1].mean()) if L >= 3 else None
         out["token_classes"] = self._class_summary(classes, sums) if L >= 4 else None
-        dist = sums.mean("angular_distance")
-        out["angular_distance"] = tolist(dist)
-        out["prunable"] = [{"n": n, "start": int(i), "distance": float(dist[i, i + n])}
-                           for n in range(1, L) for i in [int(np.argmin([dist[j, j + n] for j in range(L + 1 - n)]))]]
+        for suffix in ("", "_last"):  # all tokens (archbench's mean), the last token (Gromov et al.'s)
+            dist = sums.mean("angular_distance" + suffix)
+            out["angular_distance" + suffix] = tolist(dist)
+            out["prunable" + suffix] = [
+                {"n": n, "start": int(i), "distance": float(dist[i, i + n])}
+                for n in range(1, L) for i in [int(np.argmin([dist[j, j + n] for j in range(L + 1 - n)]))]]
         out["cka"], out["cka_method"] = tolist(cka.matrix()), cka.method
         # first against second half of the layers (paper 2), also without the first and last layer,
         # whose large updates (embedding read-in, unembedding write-out) can dominate a half
@@ -141,9 +154,7 @@ class LayerSimilarity(Evaluator):
         if m is not None:
             sums.add("mlp_rel", rel_norm(m, h + a))
             sums.add("mlp_cos", cosine(m, h + a))
-        sn = s / s.norm(dim=-1, keepdim=True).clamp_min(1e-12)
-        cos = torch.einsum("ind,jnd->ijn", sn, sn).clamp(-1.0, 1.0)
-        sums.add("angular_distance", torch.arccos(cos) / torch.pi)
+        sums.add("angular_distance", angular_distances(s))
 
     def _classify(self, theta, sums: Sums) -> np.ndarray:
         """Counts of (evenly in the middle, stops early, other) among these tokens (rule in the module doc)."""

@@ -138,6 +138,8 @@ def test_update_statistics_of_a_hand_built_stream():
     d = np.array(r["angular_distance"])
     assert d[0, 2] == pytest.approx(0.5) and d[0, 1] == pytest.approx(0.25) and np.allclose(d, d.T)
     assert r["prunable"] == [{"n": 1, "start": 0, "distance": pytest.approx(0.25)}]  # a tie: the first start
+    # one position per sequence here: Gromov's last-token distances are the same numbers
+    assert np.allclose(r["angular_distance_last"], d) and r["prunable_last"] == r["prunable"]
     assert ps["lens_kl"][-1] == pytest.approx(0, abs=1e-9) and ps["lens_top5"][-1] == 1.0
     assert len(pl["last_block_loss"]) == 2
 
@@ -318,3 +320,12 @@ def test_token_batches_count_positions_not_examples():
     assert [x.shape for x, _ in batches] == [(4, 8), (4, 8), (4, 8)]  # 32-token batches, 96 ≤ 100 tokens
     vectors = token_batches(StubTask(torch.ones(10, 2)), max_tokens=7, batch_size=64)
     assert sum(len(x) for x, _ in vectors) == 7
+
+
+def test_angular_distance_per_token():
+    """arccos(cos)/π per token: the first token keeps its direction, the second turns by 90° (1/2)."""
+    from archbench.evaluators.layer_similarity import angular_distances
+
+    states = torch.tensor([[[1.0, 0.0], [1.0, 0.0]], [[2.0, 0.0], [0.0, 3.0]]])  # (L+1, tokens, D)
+    d = angular_distances(states)
+    assert d.shape == (2, 2, 2) and d[0, 1].tolist() == pytest.approx([0.0, 0.5], abs=1e-6)
