@@ -15,6 +15,15 @@ a sequence (it is an attention sink in LLMs). Per skipped layer s:
   (each later layer sees h_j − c_s), which isolates the direct use of c_s;
 - the skip centre Σ s·e_s / Σ e_s, with e_s the mean ``later_mean`` effect of skipping s (layers
   counted from 0; the last layer has no later layers). ``skip_centre_relative`` divides by L − 1.
+  A token mean at the skipped positions: not paper 2's depth score.
+- ``depth_score``, as the authors compute it: per sequence (prompt), up to ``cut_points`` cuts t
+  drawn from {8, 16, …} < T − 4; skip s at positions 1 … t − 1 only and take, for every later layer
+  j, the maximum over positions ≥ t of ‖c_j − c̃_j‖/‖c_j‖; the maximum over the cuts gives the
+  prompt's s × j matrix. Over prompts it is averaged (``later_mean``; ``value``) or maximised
+  (``later_max``; ``value_max``); e_s is the row's sum over j > s divided by the L − 1 − s later
+  layers, and the score is Σ s·e_s / Σ e_s (``relative``: divided by L − 1). The effect is
+  measured at every position from the cut on, as the authors' generic script does; on their
+  question data sets they read the answer positions. Sequences shorter than 13 tokens have no cut.
 """
 
 from __future__ import annotations
@@ -37,7 +46,8 @@ from archbench.records import RunRecord
 OUTPUT = ("output_l2", "output_kl", "top1_flip", "loss_increase")
 
 
-# 2: effect_on_later, depth_score renamed skip_effect, skip_centre; 3: halves of output_l2_max
+# 2: effect_on_later, depth_score renamed skip_effect, skip_centre; 3: halves of output_l2_max, the
+# authors' depth_score
 @archbench.register_evaluator("skip-sensitivity", family="skipping", version=3,
                               citation="Csordás, Manning, Potts 2025 (arXiv 2505.13898)")
 class SkipSensitivity(Evaluator):
@@ -51,9 +61,12 @@ class SkipSensitivity(Evaluator):
                  sublayers: bool = True,
                  local: bool = True,
                  future: bool = True,
-                 future_at: Annotated[float, Range(0.05, 0.95)] = 0.5):
+                 future_at: Annotated[float, Range(0.05, 0.95)] = 0.5,
+                 cut_points: Annotated[int, Range(0, 16)] = 4,
+                 cut_seed: int = 123):
         self.max_tokens, self.batch_tokens = max_tokens, batch_tokens
         self.sublayers, self.local, self.future, self.future_at = sublayers, local, future, future_at
+        self.cut_points, self.cut_seed = cut_points, cut_seed
 
     @torch.no_grad()
     def evaluate_model(self, model, task) -> dict:
@@ -61,9 +74,14 @@ class SkipSensitivity(Evaluator):
         sums = Sums()
         variants: list[str] = []
         batches = token_batches(task, self.max_tokens, self.batch_tokens)
+        rng = np.random.default_rng(self.cut_seed)
+        per_prompt: list[tuple[torch.Tensor, torch.Tensor]] = []  # (later (L, L, B), output (L, B)) per batch
         for b, (x, y) in enumerate(batches):
             clean = trace(model, x)
             T = clean.states[0].shape[1]
+            cuts = [int(t) for t in rng.permutation(np.arange(8, T - 4, 8))[:self.cut_points]]
+            if cuts:
+                per_prompt.append(self._future_max(model, x, clean, cuts))
             variants = ["layer"]
             if self.sublayers and clean.sublayers:
                 variants += [v for v, tap in (("attn", "attn_out"), ("mlp", "mlp_out"))
@@ -101,7 +119,34 @@ class SkipSensitivity(Evaluator):
         out["halves_inner"] = {"output_l2_max": halves(layer["output_l2_max"], skip_ends=True),
                                "output_l2": halves(layer["output_l2"], skip_ends=True),
                                "skip_effect": halves(e[1:])}  # e stops before the last layer
+        out["depth_score"] = depth_score(per_prompt) if per_prompt else None
         return out
+
+    def _future_max(self, model, x, clean, cuts: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per prompt, the maximum over ``cuts`` (and over positions from the cut on) of each later layer's
+        relative change when s is skipped before the cut: (L, L, B); and of ‖p − p̃‖₂: (L, B)."""
+        states = clean.states
+        (B, T), L = states[0].shape[:2], len(states) - 1
+        later = torch.zeros(L, L, B, dtype=torch.float64)
+        output = torch.zeros(L, B, dtype=torch.float64)
+        pos = torch.arange(T, device=states[0].device).view(1, T, 1)
+        ref = clean.logits.float().softmax(-1)
+        for t in cuts:
+            skip_at = (pos >= 1) & (pos < t)  # the first token is never skipped
+            for s in range(L):
+                def on_layer(l, h_in, h_out, s=s, t=t, skip_at=skip_at):
+                    if l == s:
+                        return torch.where(skip_at, h_in, h_out)
+                    if l > s:
+                        c, c_new = (states[l + 1] - states[l])[:, t:], (h_out - h_in)[:, t:]
+                        change = (c - c_new).norm(dim=-1) / c.norm(dim=-1).clamp_min(1e-6)  # (B, T - t)
+                        later[s, l] = torch.maximum(later[s, l], change.amax(-1).double().cpu())
+                    return h_out
+
+                logits = run(model, x, on_layer, start=s, h_start=states[s])
+                moved = (logits[:, t:].float().softmax(-1) - ref[:, t:]).norm(dim=-1).amax(-1)
+                output[s] = torch.maximum(output[s], moved.double().cpu())
+        return later, output
 
     def _skip(self, model, task, x, y, clean, s, variant, sums: Sums):
         states = clean.states
@@ -168,3 +213,17 @@ class SkipSensitivity(Evaluator):
                 ax[2].axvline(res["skip_centre"], color="k", ls=":", label=f"skip centre {res['skip_centre']:.2f}")
             style_axes(ax[2], "skipped layer s", "mean ‖Δc_j‖/‖c_j‖", "effect on later layers")
         return True
+
+
+def depth_score(per_prompt: list[tuple[torch.Tensor, torch.Tensor]]) -> dict:
+    """Paper 2's depth score from each prompt's s × j maximum effects (see the module doc)."""
+    later = torch.cat([m for m, _ in per_prompt], dim=-1).numpy()  # (L, L, prompts)
+    output = torch.cat([o for _, o in per_prompt], dim=-1).numpy()
+    L = later.shape[0]
+    out = {"prompts": int(later.shape[-1]), "later_mean": tolist(later.mean(-1)), "later_max": tolist(later.max(-1)),
+           "output_l2_mean": tolist(output.mean(-1)), "output_l2_max": tolist(output.max(-1))}
+    for name, m in (("value", later.mean(-1)), ("value_max", later.max(-1))):
+        e = np.array([m[s, s + 1:].sum() / (L - 1 - s) for s in range(L - 1)])
+        out[name] = float((np.arange(L - 1) * e).sum() / e.sum()) if e.sum() > 0 else None
+    out["relative"] = out["value"] / (L - 1) if out["value"] is not None and L > 1 else None
+    return out

@@ -47,6 +47,8 @@ def test_analyze_smollm2_end_to_end(main, smollm2, tmp_path, monkeypatch):
     top, mean = skip["halves"]["output_l2_max"], skip["halves"]["output_l2"]
     assert top["first_half"] >= mean["first_half"] and top["second_half"] >= mean["second_half"]
     assert "max over positions" in r.stdout and "the token mean, not paper 2's statistic" in r.stdout
+    assert skip["depth_score"]["prompts"] == 1 and 0 < skip["depth_score"]["relative"] < 1  # one window, one cut (t = 8)
+    assert "depth score (paper 2's" in r.stdout
     r = main(*args)  # everything is reused
     assert r.returncode == 0 and r.stderr.count("reusing the result") == 2
     assert asked == [("smollm2-135m", "cpu", torch.float32)] * 2

@@ -329,3 +329,29 @@ def test_angular_distance_per_token():
     states = torch.tensor([[[1.0, 0.0], [1.0, 0.0]], [[2.0, 0.0], [0.0, 3.0]]])  # (L+1, tokens, D)
     d = angular_distances(states)
     assert d.shape == (2, 2, 2) and d[0, 1].tolist() == pytest.approx([0.0, 0.5], abs=1e-6)
+
+
+def test_depth_score_as_paper_2_computes_it():
+    from archbench.evaluators.skip_sensitivity import depth_score
+
+    # e_0 = (1 + 1) / 2 later layers, e_1 = 0.5 / 1: the score is (0·1 + 1·0.5) / 1.5
+    m = torch.zeros(3, 3, 1, dtype=torch.float64)
+    m[0, 1, 0] = m[0, 2, 0] = 1.0
+    m[1, 2, 0] = 0.5
+    r = depth_score([(m, torch.zeros(3, 1, dtype=torch.float64))])
+    assert r["value"] == pytest.approx(1 / 3) and r["relative"] == pytest.approx(1 / 6) and r["prompts"] == 1
+    # on a causal model: skipping a layer that adds nothing changes nothing; skipping another before
+    # the cut reaches later layers at positions after it only through attention
+    torch.manual_seed(0)
+    model = build_model(BLOCKS.get("residual").obj, {}, 3, InputSpec("tokens", size=11, out_dim=11, seq_len=24), 16)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape) * 0.3)
+        for p in model.effective_layers()[1].parameters():
+            p.zero_()
+    x = torch.randint(0, 11, (2, 24))
+    later, output = SkipSensitivity()._future_max(model, x, trace(model, x), [8, 16])
+    assert later.shape == (3, 3, 2) and output.shape == (3, 2)
+    assert torch.all(later[1] == 0) and torch.all(output[1] == 0)
+    assert torch.all(torch.triu(later.permute(2, 0, 1), diagonal=1).permute(1, 2, 0) == later)  # only j > s
+    assert torch.all(later[0, 2] > 0) and torch.all(output[0] > 0)

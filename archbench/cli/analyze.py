@@ -73,9 +73,14 @@ def summary_lines(result: dict) -> list[str]:
         lines.append(f"skipping one layer, ‖Δp‖₂ max over positions (paper 2's): {_halves(h['output_l2_max'], '.4f')}; "
                      f"token mean {_halves(h['output_l2'], '.4f', short=True)}; effect on later layers "
                      f"{_halves(h['skip_effect'], '.3f', short=True)}")
+        score = skip.get("depth_score")
+        if score and score.get("value") is not None:
+            lines.append(f"depth score (paper 2's: future effects after a cut, max per prompt) {score['value']:.2f} of "
+                         f"{skip['depth'] - 1} (relative {score['relative']:.2f}; max over prompts "
+                         f"{score['value_max']:.2f}; {score['prompts']} prompts)")
         if skip.get("skip_centre") is not None:
-            lines.append(f"skip centre {skip['skip_centre']:.2f} of {skip['depth'] - 1} "
-                         f"(relative {skip['skip_centre_relative']:.2f})")
+            lines.append(f"skip centre (token mean at the skipped positions, not paper 2's depth score) "
+                         f"{skip['skip_centre']:.2f} of {skip['depth'] - 1} (relative {skip['skip_centre_relative']:.2f})")
     if sim and skip:
         for key, where in (("halves", "all layers"), ("halves_inner", "without the first and last layer")):
             c, o, mean = sim[key]["rel_contribution"], skip[key]["output_l2_max"], skip[key]["output_l2"]
