@@ -58,7 +58,7 @@ def run(args) -> int:
     console = Console(highlight=False)
     console.print(runs_table(result))
     for line in summary_lines(result):
-        console.print(line)
+        console.print(line, soft_wrap=True)
     console.print(f"result: {result['files']['result']}")
     for p in result["files"]["plots"]:
         console.print(f"plot:   {p}")
