@@ -4,7 +4,7 @@ from __future__ import annotations
 
 NAME = "compare"
 HELP = ("is sweep A steeper than sweep B? The difference in alpha_ell and in loss at the deepest shared depth, "
-        "with a bootstrap 95%% interval over replicates (paired where both ran the same seeds and teachers)")
+        "with a 95-percent bootstrap interval over replicates (paired where both ran the same seeds and teachers)")
 
 
 def add_arguments(p):
