@@ -38,7 +38,7 @@ from torch.func import functional_call, stack_module_state, vmap
 
 from archbench.records import atomic_write
 from archbench.task import Task
-from archbench.train import (Outcome, TrainConfig, autocast_for, evaluates_at, finish, held_out_loss, make_scheduler,
+from archbench.train import (Outcome, TrainConfig, autocast_for, evaluates_at, finish, held_out, make_scheduler,
                              scaled_lr)
 
 # timm optimizers whose update of each element reads only that element's state: stacking is exact
@@ -222,7 +222,7 @@ def _train(jobs, checkpoint, on_log):
             for g in groups:
                 for i, j in enumerate(g.jobs):
                     if id(j) not in failures:
-                        evals[id(j)].append([done, held_out_loss(j.task, g.unstack(i), cfg)])
+                        evals[id(j)].append([done, held_out(j.task, g.unstack(i), cfg)["loss"]])
         if checkpoint is not None and cfg.checkpoint_every and done % cfg.checkpoint_every == 0 and done < cfg.steps:
             _save(checkpoint, done, time.perf_counter() - t0, groups, streams, histories, evals, failures, jobs)
     train_s = (time.perf_counter() - t0) / len(jobs)

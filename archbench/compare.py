@@ -18,7 +18,7 @@ import numpy as np
 
 from archbench.errors import UsageError
 from archbench.evaluator import point_label
-from archbench.evaluators.alpha_ell import fit_power_law
+from archbench.evaluators.alpha_ell import fit_power_law, replicate_groups
 
 
 @dataclasses.dataclass
@@ -30,12 +30,6 @@ class Side:
     losses: np.ndarray
     replicates: list  # per run: (seed, teacher)
     floor: float | str | None
-
-    def members(self) -> dict:
-        out: dict = {}
-        for i, r in enumerate(self.replicates):
-            out.setdefault(r, []).append(i)
-        return out
 
 
 def side_of_records(label: str, runs: list, floor) -> Side:
@@ -82,7 +76,7 @@ def compare_sides(a: Side, b: Side, n_boot: int = 2000, seed: int = 0) -> dict:
     deepest = common[-1]
     alpha_a, alpha_b = (fit_power_law(s.depths, s.losses, s.floor)["alpha"] for s in (a, b))
     loss_a, loss_b = (float(s.losses[s.depths == deepest].mean()) for s in (a, b))
-    ma, mb = a.members(), b.members()
+    ma, mb = replicate_groups(a.replicates), replicate_groups(b.replicates)
     paired = set(ma) == set(mb)
     out = {"a": a.label, "b": b.label, "alpha": {"a": alpha_a, "b": alpha_b, "diff": alpha_a - alpha_b, "ci95": None},
            "loss": {"depth": int(deepest), "a": loss_a, "b": loss_b, "diff": loss_a - loss_b,

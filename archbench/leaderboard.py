@@ -88,10 +88,15 @@ def without_teacher(spec: dict) -> dict:
     """``spec`` without the task's teacher knob: a teacher is a replicate, like a seed, not part of what a row is."""
     from archbench.registry import TASKS
 
-    knob = getattr(TASKS.get(spec["task"]).obj, "teacher_knob", None) if spec["task"] in TASKS else None
-    if knob is None:
+    if spec["task"] not in TASKS:
         return spec
-    return {**spec, "task_cfg": {k: v for k, v in spec["task_cfg"].items() if k != knob}}
+    return {**spec, "task_cfg": task_settings(TASKS.get(spec["task"]).obj, spec["task_cfg"])}
+
+
+def task_settings(task, cfg: dict) -> dict:
+    """A task configuration without the knob that picks its teacher (``Task.teacher_knob``)."""
+    knob = getattr(task, "teacher_knob", None)
+    return {k: v for k, v in cfg.items() if k != knob}
 
 
 def _diff(values: dict, defaults: dict) -> dict:
@@ -105,15 +110,13 @@ def table_identity(task_name: str, task_cfg: dict, train: dict) -> tuple[str, st
 
     task = TASKS.get(task_name).obj
 
-    def settings(sets: dict) -> dict:  # the task's knobs but its teacher (a replicate, like the seed)
-        return {k: v for k, v in resolve(task, "task", sets).items() if k != getattr(task, "teacher_knob", None)}
-
-    presets = {name: (resolve(TrainConfig, "train", p.get("train", {})), settings(p.get("task", {})))
+    presets = {name: (resolve(TrainConfig, "train", p.get("train", {})),
+                      task_settings(task, resolve(task, "task", p.get("task", {}))))
                for name, p in task.presets.items()}
     # the preset whose training budget this is; else the one whose task settings these are
     preset_name = next((n for n, (tr, _) in presets.items() if tr == train), None)
     near = preset_name or next((n for n, (_, tc) in presets.items() if tc == task_cfg), None)
-    diff = _diff(task_cfg, presets[near][1] if near else settings({}))
+    diff = _diff(task_cfg, presets[near][1] if near else task_settings(task, resolve(task, "task", {})))
     name = task_name + "".join(f"__{k}-{v}" for k, v in diff.items())
     if near:
         name += f"__{near}"

@@ -66,7 +66,7 @@ def evaluates_at(cfg: TrainConfig, done: int) -> bool:
 def finish(task: Task, model: torch.nn.Module, cfg: TrainConfig, history: list, eval_history: list,
            train_s: float) -> Outcome:
     """The held-out evaluation that ends a run, shared by both engines."""
-    metrics = task.evaluate(model, cfg.eval_batch_size or cfg.batch_size, autocast_for(task.device, cfg.precision))
+    metrics = held_out(task, model, cfg)
     if cfg.eval_every:
         eval_history = [*eval_history, [cfg.steps, metrics["loss"]]]
     if not math.isfinite(metrics["loss"]):
@@ -75,8 +75,9 @@ def finish(task: Task, model: torch.nn.Module, cfg: TrainConfig, history: list, 
     return Outcome("ok", metrics["loss"], metrics, cfg.steps, history, train_s, eval_history=eval_history)
 
 
-def held_out_loss(task: Task, model: torch.nn.Module, cfg: TrainConfig) -> float:
-    return task.evaluate(model, cfg.eval_batch_size or cfg.batch_size, autocast_for(task.device, cfg.precision))["loss"]
+def held_out(task: Task, model: torch.nn.Module, cfg: TrainConfig) -> dict:
+    """The task's held-out loss and metrics at the run's eval batch size and precision."""
+    return task.evaluate(model, cfg.eval_batch_size or cfg.batch_size, autocast_for(task.device, cfg.precision))
 
 
 def scaled_lr(cfg: TrainConfig, depth: int) -> float:
@@ -152,7 +153,7 @@ def train(model: torch.nn.Module, task: Task, cfg: TrainConfig, *, seed: int, de
             if on_log:
                 on_log(done, value)
         if evaluates_at(cfg, done):
-            evals.append([done, held_out_loss(task, model, cfg)])
+            evals.append([done, held_out(task, model, cfg)["loss"]])
         if checkpoint is not None and cfg.checkpoint_every and done % cfg.checkpoint_every == 0 and done < cfg.steps:
             _save_checkpoint(checkpoint, model, opt, sched, gen, done, history, evals, time.perf_counter() - t0)
 

@@ -59,16 +59,20 @@ def fit_power_law(depths, losses, floor: float | str | None = None) -> dict:
             "n_depths": len(uniq)}
 
 
+def replicate_groups(labels) -> dict:
+    """{replicate label: indices of its runs}, in the order the labels first appear."""
+    members: dict = {}
+    for i, label in enumerate(labels):
+        members.setdefault(label, []).append(i)
+    return {label: np.array(m) for label, m in members.items()}
+
+
 def bootstrap_alpha(depths, losses, floor=None, n_boot: int = 1000, seed: int = 0, ci: float = 0.95,
                     replicates=None):
     """Percentile interval of alpha over bootstrap resamples of whole replicates (``replicates[i]`` names
     run i's; default: every run is its own); returns (interval or None, resamples that could be fitted)."""
     depths, losses = np.asarray(depths, float), np.asarray(losses, float)
-    labels = list(range(len(depths))) if replicates is None else list(replicates)
-    members: dict = {}
-    for i, label in enumerate(labels):
-        members.setdefault(label, []).append(i)
-    groups = [np.array(m) for m in members.values()]
+    groups = list(replicate_groups(range(len(depths)) if replicates is None else replicates).values())
     rng = np.random.default_rng(seed)
     need = 3 if floor == "fit" else 2
     alphas = []
