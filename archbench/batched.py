@@ -55,6 +55,8 @@ class Job:
     seed: int
     depth: int
     shape: str  # runs with equal shape keys have identical module structure (block config, width, depth)
+    checkpoint: Path | None = None  # this run's own checkpoint file, written every cfg.checkpoint_every steps
+    resume: dict | None = None  # a checkpoint this engine wrote (``checkpoint_state``) to continue from
 
 
 class NotBatchable(Exception):
@@ -178,33 +180,44 @@ class _Group:
         return model
 
 
-def train_batched(jobs: list[Job], checkpoint: Path | None = None,
-                  on_log: Callable[[int, list[float]], None] | None = None) -> list[Outcome]:
+def train_batched(jobs: list[Job], on_log: Callable[[int, list[float]], None] | None = None) -> list[Outcome]:
     """Train ``jobs`` together; one ``Outcome`` per job, as ``train`` would give for each alone.
 
-    Each outcome's ``train_s`` is the batch's wall time shared equally among its runs. A checkpoint
-    every ``checkpoint_every`` steps lets a killed batch resume where it stopped.
+    Each outcome's ``train_s`` is the batch's wall time shared equally among its runs. Every
+    ``checkpoint_every`` steps each run's state goes to its own ``Job.checkpoint``; a job given a
+    ``resume`` state continues from it (all jobs of one call from the same step), whichever of the
+    runs once trained beside it have finished since.
     """
     with warnings.catch_warnings():  # ops without a vmap rule are looped over the runs: slower, still exact
         warnings.filterwarnings("ignore", message="There is a performance drop")
-        return _train(jobs, checkpoint, on_log)
+        return _train(jobs, on_log)
 
 
-def _train(jobs, checkpoint, on_log):
+def checkpoint_step(state: dict | None) -> int:
+    """The step a checkpoint of this engine resumes at (0 for none, or for one the plain loop wrote)."""
+    return state["step"] if state and state.get("engine") == "batched" else 0
+
+
+def _train(jobs, on_log):
     cfg, device = jobs[0].cfg, jobs[0].task.device
-    for j in jobs:
+    resumed = [j.resume if checkpoint_step(j.resume) else None for j in jobs]
+    if len({checkpoint_step(r) for r in resumed}) > 1:
+        raise ValueError("runs resumed from different steps cannot be trained together")
+    for j, state in zip(jobs, resumed):
         j.model.to(device).train()
+        if state is not None:  # before stacking: the groups take parameters and buffers from the models
+            j.model.load_state_dict(state["model"])
     groups = check(jobs)
     for g in groups:
         g.build_optimizer(g.jobs[0].cfg)
-    streams, feeds = _streams(jobs, groups, device)
+    streams, feeds, stream_of = _streams(jobs, groups, device)
     tasks = {id(j.task): j.task for j in jobs}.values()
     histories = {id(j): [] for j in jobs}
     evals = {id(j): [] for j in jobs}  # [step, held-out loss] every eval_every steps
     failures: dict[int, tuple[float, str, int]] = {}  # id(job) -> (loss, why, step)
     start, elapsed = 0, 0.0
-    if checkpoint is not None and checkpoint.exists():
-        start, elapsed = _load(checkpoint, groups, streams, histories, evals, failures, jobs)
+    if resumed[0] is not None:
+        start, elapsed = _load(groups, streams, stream_of, histories, evals, failures)
 
     t0 = time.perf_counter() - elapsed
     for step in range(start, cfg.steps):
@@ -223,8 +236,8 @@ def _train(jobs, checkpoint, on_log):
                 for i, j in enumerate(g.jobs):
                     if id(j) not in failures:
                         evals[id(j)].append([done, held_out(j.task, g.unstack(i), cfg)["loss"]])
-        if checkpoint is not None and cfg.checkpoint_every and done % cfg.checkpoint_every == 0 and done < cfg.steps:
-            _save(checkpoint, done, time.perf_counter() - t0, groups, streams, histories, evals, failures, jobs)
+        if cfg.checkpoint_every and done % cfg.checkpoint_every == 0 and done < cfg.steps:
+            _save(done, time.perf_counter() - t0, groups, streams, stream_of, histories, evals, failures)
     train_s = (time.perf_counter() - t0) / len(jobs)
     return _outcomes(jobs, groups, histories, evals, failures, train_s)
 
@@ -239,7 +252,7 @@ def _streams(jobs, groups, device):
         streams.setdefault(key, _Stream(j.task, j.seed, device))
         stream_of[id(j)] = key
     feeds = [[(streams[stream_of[id(j)]], (stream_of[id(j)], id(j.task)), j.task) for j in g.jobs] for g in groups]
-    return streams, feeds
+    return streams, feeds, stream_of
 
 
 def _step(groups, feeds, cfg, done, device) -> list:
@@ -296,40 +309,50 @@ def _outcomes(jobs, groups, histories, evals, failures, train_s) -> list[Outcome
     return [outcomes[id(j)] for j in jobs]
 
 
-def _save(path, step, train_s, groups, streams, histories, evals, failures, jobs):
-    index = {id(j): i for i, j in enumerate(jobs)}
-    state = {"step": step, "train_s": train_s,
-             "groups": [{"params": {n: p.detach() for n, p in g.params.items()}, "buffers": g.buffers,
-                         "optimizer": g.opt.state_dict(),
-                         "scheduler": g.sched.state_dict() if g.sched is not None else {}} for g in groups],
-             "generators": [s.gen.get_state() for s in streams.values()],
-             "histories": [histories[id(j)] for j in jobs],
-             "eval_histories": [evals[id(j)] for j in jobs],
-             "failures": {index[k]: list(v) for k, v in failures.items()}}
-    atomic_write(path, lambda f: torch.save(state, f))
+def _save(step, train_s, groups, streams, stream_of, histories, evals, failures):
+    """Each run's state into its own checkpoint: its model, its slice of the stacked optimizer state, the
+    schedule, the generator of its batch stream, its histories."""
+    for g in groups:
+        params, buffers = g.state()
+        optimizer = g.opt.state_dict()
+        for i, j in enumerate(g.jobs):
+            if j.checkpoint is None:
+                continue
+            state = {"engine": "batched", "step": step, "train_s": train_s,
+                     "model": {n: t[i].detach().clone() for n, t in {**params, **buffers}.items()},
+                     "optimizer": _slice(optimizer, i), "scheduler": g.sched.state_dict() if g.sched is not None else {},
+                     "generator": streams[stream_of[id(j)]].gen.get_state(), "history": histories[id(j)],
+                     "eval_history": evals[id(j)], "failure": list(failures[id(j)]) if id(j) in failures else None}
+            atomic_write(j.checkpoint, lambda f, state=state: torch.save(state, f))
 
 
-def _load(path, groups, streams, histories, evals, failures, jobs) -> tuple[int, float]:
-    device = jobs[0].task.device
-    state = torch.load(path, map_location=device, weights_only=True)
-    with torch.no_grad():
-        for g, saved in zip(groups, state["groups"]):
-            for n, p in g.params.items():
-                p.copy_(saved["params"][n])
-            for n, b in g.buffers.items():
-                b.copy_(saved["buffers"][n])
-            g.opt.load_state_dict(saved["optimizer"])
-            if g.sched is not None:
-                g.sched.load_state_dict(saved["scheduler"])
-    for s, gen_state in zip(streams.values(), state["generators"]):
-        s.gen.set_state(gen_state.cpu())
-    for j, h in zip(jobs, state["histories"]):
-        histories[id(j)] = h
-    for j, e in zip(jobs, state.get("eval_histories", [[] for _ in jobs])):
-        evals[id(j)] = e
-    for i, v in state["failures"].items():
-        failures[id(jobs[int(i)])] = tuple(v)
-    return state["step"], state["train_s"]
+def _slice(optimizer: dict, i: int) -> dict:
+    """Run ``i``'s part of a stacked optimizer's state (a step count shared by the group stays whole)."""
+    state = {k: {n: v[i].clone() if torch.is_tensor(v) and v.dim() > 0 else v for n, v in per_param.items()}
+             for k, per_param in optimizer["state"].items()}
+    return {"state": state, "param_groups": optimizer["param_groups"]}
+
+
+def _load(groups, streams, stream_of, histories, evals, failures) -> tuple[int, float]:
+    """The optimizer, schedule, streams and histories from the jobs' ``resume`` states (the models already
+    hold theirs); returns (step, elapsed seconds)."""
+    for g in groups:
+        states = [j.resume for j in g.jobs]
+        first = states[0]["optimizer"]
+        stacked = {k: {n: torch.stack([s["optimizer"]["state"][k][n] for s in states])
+                       if torch.is_tensor(v) and v.dim() > 0 else v for n, v in per_param.items()}
+                   for k, per_param in first["state"].items()}
+        g.opt.load_state_dict({"state": stacked, "param_groups": first["param_groups"]})
+        if g.sched is not None:
+            g.sched.load_state_dict(states[0]["scheduler"])
+    jobs = [j for g in groups for j in g.jobs]
+    for key, s in streams.items():
+        s.gen.set_state(next(j.resume["generator"] for j in jobs if stream_of[id(j)] == key).cpu())
+    for j in jobs:
+        histories[id(j)], evals[id(j)] = j.resume["history"], j.resume["eval_history"]
+        if j.resume["failure"] is not None:
+            failures[id(j)] = tuple(j.resume["failure"])
+    return jobs[0].resume["step"], max(j.resume["train_s"] for j in jobs)
 
 
 def _first_line(e: BaseException) -> str:

@@ -13,10 +13,10 @@ from __future__ import annotations
 import copy
 import dataclasses
 import itertools
-from typing import Any
+from typing import Annotated, Any
 
 from archbench.errors import UsageError, unknown
-from archbench.knobs import knobs_of, resolve
+from archbench.knobs import POSITIVE, knobs_of, resolve
 from archbench.model import Stack
 from archbench.registry import BLOCKS, EVALUATORS, TASKS, Entry
 from archbench.train import TrainConfig
@@ -27,7 +27,7 @@ ENGINES = ("auto", "batched", "plain")
 
 @dataclasses.dataclass
 class ModelConfig:
-    width: int = 32  # residual-stream dimension
+    width: Annotated[int, POSITIVE] = 32  # residual-stream dimension
     zero_head: bool = True  # zero-initialised readout: every model starts at the uniform prediction
 
 
@@ -150,6 +150,8 @@ def resolve_config(spec: EvalSpec) -> Config:
     if config.seeds < 1:
         raise UsageError(f"--seeds {config.seeds}: need at least one seed")
     config.depths = sorted(set(config.depths))
+    for _, c in config.points():
+        TrainConfig(**c.train)  # checks what the knobs' bounds cannot (the optimizer's name)
     if isinstance(block.obj, type) and issubclass(block.obj, Stack):  # a family that says which depths it can be built at
         for _, c in config.points():
             for d in config.depths:

@@ -3,9 +3,10 @@
 One mechanism serves every configurable thing in archbench: a knob is a keyword
 parameter of a class's ``__init__`` (dataclasses included) that has a default.
 Its annotation gives the type that ``--set section.name=value`` is parsed into,
-and optionally a range that a search may sample::
+optionally a range that a search may sample, and the values that make sense at all (``Bounds``;
+anything outside them is refused before a run starts)::
 
-    def __init__(self, dim, layer_idx, depth, *, mlp_ratio: Annotated[int, Range(1, 8)] = 4): ...
+    def __init__(self, dim, layer_idx, depth, *, mlp_ratio: Annotated[int, Range(1, 8), POSITIVE] = 4): ...
 """
 
 from __future__ import annotations
@@ -33,11 +34,39 @@ class Range:
 
 
 @dataclasses.dataclass(frozen=True)
+class Bounds:
+    """The values a numeric knob may take at all (a search samples inside its ``Range``, a narrower set)."""
+
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False  # low itself excluded
+
+    def check(self, value: Any, where: str) -> None:
+        if value is None or isinstance(value, bool) or not isinstance(value, (int, float)):
+            return
+        too_low = self.low is not None and (value <= self.low if self.low_open else value < self.low)
+        too_high = self.high is not None and value > self.high
+        if too_low or too_high or (isinstance(value, float) and math.isinf(value)):
+            raise UsageError(f"{where}={value:g} is out of range: expected {self}")
+
+    def __str__(self) -> str:
+        low = None if self.low is None else f"{'>' if self.low_open else '>='} {self.low:g}"
+        high = None if self.high is None else f"<= {self.high:g}"
+        return " and ".join(p for p in (low, high) if p) or "a finite number"
+
+
+POSITIVE = Bounds(0, low_open=True)  # sizes, counts, rates
+NON_NEGATIVE = Bounds(0)  # 0 means "off" (weight decay, eval_every, ...)
+FRACTION = Bounds(0, 1)
+
+
+@dataclasses.dataclass(frozen=True)
 class Knob:
     name: str
     type: Any  # int, float, bool, str, a Literal[...], or Optional of those
     default: Any
     range: Range | None = None
+    bounds: Bounds | None = None
 
     @property
     def choices(self) -> tuple | None:
@@ -67,7 +96,15 @@ class Knob:
         return name + ("|None" if _is_optional(self.type) else "")
 
     def parse(self, text: Any, owner: str) -> Any:
-        """Parse a command-line string into this knob's type (values already typed pass through)."""
+        """Parse a command-line string into this knob's type (values already typed pass through) and check it
+        against the knob's ``Bounds``."""
+        value = self._parse(text, owner)
+        if self.bounds is not None:
+            for v in value if isinstance(value, (tuple, list)) else (value,):
+                self.bounds.check(v, f"{owner}.{self.name}")
+        return value
+
+    def _parse(self, text: Any, owner: str) -> Any:
         where = f"{owner}.{self.name}"
         if not isinstance(text, str):
             return text
@@ -137,11 +174,12 @@ def knobs_of(obj: Any) -> dict[str, Knob]:
         if p.name in RESERVED or p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) or p.default is p.empty:
             continue
         tp = hints.get(p.name, type(p.default) if p.default is not None else str)
-        rng = None
+        rng = bounds = None
         if get_origin(tp) is typing.Annotated:
             rng = next((m for m in get_args(tp)[1:] if isinstance(m, Range)), None)
+            bounds = next((m for m in get_args(tp)[1:] if isinstance(m, Bounds)), None)
             tp = get_args(tp)[0]
-        own[p.name] = Knob(p.name, tp, p.default, rng)
+        own[p.name] = Knob(p.name, tp, p.default, rng, bounds)
     shared: dict[str, Knob] = {}
     for part in getattr(obj, "knobs_from", ()):
         shared.update(knobs_of(part))

@@ -45,7 +45,8 @@ COLUMNS = {
                    "of `archbench compare`",
     "alpha": "α_ℓ: slope of log held-out loss against log effective depth (1 = ensemble averaging)",
     "alpha_ci95": "bootstrap 95 % interval of α_ℓ (none when the runs leave no freedom to resample)",
-    "loss": "held-out loss at the largest depth (mean over seeds)",
+    "loss": "held-out loss at the largest depth (mean over seeds); where every run at that depth failed, at the "
+            "largest depth that finished, which the cell names (`loss_depth` in CSV and JSON)",
     "depth_to_solve": "smallest effective depth whose runs solve the task (tasks with a notion of solved)",
     "phi_mid": "mean angle between neighbouring updates over the middle layers of the deepest model (rad; "
                "π/2 = uncorrelated, small = smooth)",
@@ -223,6 +224,7 @@ def sweep_row(sid, runs: list[RunRecord], task, block, solvable: bool, studies: 
            "replicates": len({r.replicate for r in runs}),
            "alpha": alpha.get("value"), "alpha_ci95": alpha.get("ci95"),
            "loss": _mean([r.final_loss for r in deepest]),
+           "loss_depth": deepest[0].effective_depth if deepest else None,  # below the largest when those failed
            "depth_to_solve": None, "phi_mid": ev.get("phi_mid"), "skip_effect_mean": ev.get("skip_effect_mean"),
            "skip_centre": ev.get("skip_centre_relative"),
            "regime": regime["regime"] if has_evidence else None,
@@ -316,7 +318,7 @@ def write_tables(tables: dict[str, dict], out: Path, command: str) -> list[Path]
 
 _CSV = ["id", "block", "config", "params", "depths", "seeds", "replicates", "alpha", "alpha_lo", "alpha_hi",
         "alpha_vs_baseline", "alpha_vs_baseline_lo", "alpha_vs_baseline_hi", "vs_baseline_verdict", "loss",
-        "depth_to_solve", "phi_mid", "skip_effect_mean", "skip_centre", "regime", "failed_runs", "train_s", "device",
+        "loss_depth", "depth_to_solve", "phi_mid", "skip_effect_mean", "skip_centre", "regime", "failed_runs", "train_s", "device",
         "version", "source", "records"]
 
 
@@ -367,7 +369,8 @@ def to_markdown(doc: dict, solvable: bool) -> str:
             f" [{vs['ci95'][0]:+.3g}, {vs['ci95'][1]:+.3g}]: {vs['verdict']}" if vs["ci95"] else ": no interval")
         cells = [r["block"], " ".join(f"{k}={_f(v)}" for k, v in r["config"].items()) or "defaults",
                  f"{r['params']:,}" if r["params"] else "–", ",".join(map(str, r["depths"])), alpha, versus,
-                 _f(r["loss"], 4)]
+                 _f(r["loss"], 4) + (f" (depth {r['loss_depth']}: deeper runs failed)"
+                                     if r.get("loss_depth") not in (None, max(r["depths"])) else "")]
         if solvable:
             cells.append(_f(r.get("depth_to_solve")) if r.get("depth_to_solve") is not None else "not solved")
         cells += [_f(r["phi_mid"]), _f(r["skip_effect_mean"]), _f(r["skip_centre"]), r["regime"] or "–",
@@ -400,6 +403,11 @@ def build(runs_dirs: list[str], out: str, studies: list[str], storage: str | Non
         from archbench.search import open_storage
 
         url = storage or f"sqlite:///{Path(runs_dirs[0]).resolve() / 'studies.db'}"
+        if url.startswith("sqlite:///") and not Path(url[len("sqlite:///"):]).is_file():  # read, never create
+            from archbench.errors import UsageError
+
+            raise UsageError(f"--study {studies[0]}: no studies database at {url[len('sqlite:///'):]}; "
+                             f"give the search's --runs-dir or --storage")
         st = open_storage(url, heartbeat=False)
         for name in studies:
             try:

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from archbench.errors import ArchbenchError
+from archbench.errors import ArchbenchError, UsageError
 from archbench.knobs import knobs_of
 
 Intervene = Callable[[int, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -299,9 +299,9 @@ def build_model(block, block_kwargs: dict, depth: int, spec: InputSpec, width: i
                              f"(a block takes keyword arguments {signature} and its knobs)") from None
     except ArchbenchError:
         raise
-    except Exception as e:
-        raise ArchbenchError(f"block {name!r} could not be built (width {width}, {block_kwargs}): "
-                             f"{type(e).__name__}: {e}") from None
+    except Exception as e:  # a knob value the block cannot take (heads that do not divide the width, ...)
+        raise UsageError(f"block {name!r} could not be built (width {width}, {block_kwargs}): "
+                          f"{type(e).__name__}: {e}") from None
     if spec.kind == "vector":
         embed = VectorEmbed(spec.size, width)
     else:

@@ -15,15 +15,21 @@ trained again.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime
+import fcntl
 import hashlib
 import json
 import os
+import shutil
+import socket
 import tempfile
 import warnings
 from pathlib import Path
 from typing import IO, Any, Callable, Iterator
+
+from archbench.errors import ArchbenchError
 
 RECORD_VERSION = 2  # the record's JSON layout (1: keys made from source hashes; migrated on first use)
 # Raised when archbench's shared numerics change (the training loops, the model wrapper, the optimizer
@@ -140,6 +146,19 @@ class RunRecord:
         missing = [k for k in SPEC_FIELDS if k not in data["spec"]]
         if missing:
             raise BadRecord(f"its spec lacks {', '.join(missing)}")
+        for name, types in _SPEC_TYPES.items():
+            if not _has_type(data["spec"][name], types):
+                raise BadRecord(f"its spec's '{name}' has the wrong type ({type(data['spec'][name]).__name__})")
+        for field, types in (("env", (str, type(None))), ("source", (str, type(None))),
+                             ("eval", (*_NUMBER, type(None))), ("metrics", (dict, type(None)))):
+            bad = next((k for k, v in data[field].items() if not _has_type(v, types)), None)
+            if bad is not None:
+                raise BadRecord(f"'{field}.{bad}' has the wrong type ({type(data[field][bad]).__name__})")
+        for field in ("history", "eval_history"):
+            points = data.get(field, [])
+            if not all(isinstance(p, list) and len(p) == 2 and _has_type(p[0], int) and _has_type(p[1], _NUMBER)
+                       for p in points):
+                raise BadRecord(f"'{field}' is not a list of [step, loss]")
         if digest(data["spec"]) != data["key"]:
             raise BadRecord("its key is not the hash of its spec")
         if key is not None and data["key"] != key:
@@ -154,6 +173,10 @@ _TYPES = {"key": str, "spec": dict, "depth": int, "effective_depth": int, "seed"
           "eval_history": list}
 
 
+_SPEC_TYPES = {"numerics": int, "block": str, "block_version": int, "block_cfg": dict, "task": str, "task_version": int,
+               "task_cfg": dict, "model": dict, "train": dict, "depth": int, "seed": int}
+
+
 def _has_type(value, types) -> bool:
     if isinstance(value, bool) and bool not in (types if isinstance(types, tuple) else (types,)):
         return False  # JSON true is not a number here
@@ -162,12 +185,20 @@ def _has_type(value, types) -> bool:
 
 # ------------------------------------------------------------------------------------- atomic writing
 
+class WriteError(ArchbenchError):
+    """A file could not be written (a full disk, a read-only folder): which file, why, and the free space."""
+
+
 def atomic_write(path: str | Path, write: Callable[[IO[bytes]], None]) -> None:
     """Call ``write(file)`` on a unique temporary file beside ``path``, then rename it into place: readers
-    see the old file or the whole new one, and concurrent writers never share a temporary name."""
+    see the old file or the whole new one, and concurrent writers never share a temporary name. A
+    failure leaves no partial file and raises ``WriteError``."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.{_OWNER}.", suffix=".tmp")
+    except OSError as e:
+        raise WriteError(f"cannot write {path}: {e.strerror or e}{free_space(path.parent)}") from None
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)
@@ -177,9 +208,54 @@ def atomic_write(path: str | Path, write: Callable[[IO[bytes]], None]) -> None:
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; these are ordinary files
         os.replace(tmp, path)
+    except Exception as e:  # torch.save reports a full disk as RuntimeError, not OSError
+        Path(tmp).unlink(missing_ok=True)
+        raise WriteError(f"cannot write {path}: {_why(e)}{free_space(path.parent)}") from None
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def _why(e: Exception) -> str:
+    if getattr(e, "strerror", None):
+        return e.strerror
+    lines = str(e).strip().splitlines()
+    return lines[-1] if lines else type(e).__name__
+
+
+def free_space(folder: Path) -> str:
+    """"; N MB free there", or nothing when the folder's filesystem cannot be asked."""
+    for p in (folder, *folder.parents):
+        try:
+            return f"; {shutil.disk_usage(p).free / 1e6:,.0f} MB free there"
+        except OSError:
+            continue
+    return ""
+
+
+# A temporary file's name carries its writer (host and pid), so that one a killed writer left behind
+# can be told from one a live writer is still filling.
+_HOST = socket.gethostname().replace(".", "_")
+_OWNER = f"{_HOST}-{os.getpid()}"
+
+
+def remove_stale_temporaries(folder: Path) -> None:
+    """Delete the temporary files that writers on this host which are no longer running left in ``folder``."""
+    for tmp in folder.glob(".*.tmp"):
+        owner = tmp.name.rsplit(".", 3)[-3] if tmp.name.count(".") >= 4 else ""
+        host, _, pid = owner.rpartition("-")
+        if host == _HOST and pid.isdigit() and not _alive(int(pid)):
+            tmp.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
@@ -234,15 +310,42 @@ class RunStore:
         atomic_write(self.weights_path(key), lambda f: torch.save(state_dict, f))
 
     def set_aside(self, path: Path, why: str, then: str = "") -> None:
-        """Move a file that cannot be used to ``records/corrupt/`` (never delete what a person may want)."""
-        aside = self.dir / "corrupt" / f"{path.name}.{datetime.datetime.now():%Y%m%dT%H%M%S%f}"
+        set_aside(path, why, then)
+
+    def prepare(self) -> None:
+        """Before anything trains: the records folder takes a file (a read-only folder or a full disk fails
+        here, in one line, not after the training) and the temporary files of killed writers are gone."""
+        probe = self.dir / f".write-check.{_OWNER}"
+        atomic_write_text(probe, "ok\n")
+        probe.unlink()
+        remove_stale_temporaries(self.dir)
+
+    @contextlib.contextmanager
+    def claim(self, key: str, wait: bool = True,
+              on_wait: Callable[[str], None] | None = None) -> Iterator[bool]:
+        """Hold run ``key``'s lock while training it, so that no other process trains it too.
+
+        Yields True once held; with ``wait=False`` yields False at once if another process holds it
+        (``on_wait(owner)`` is told who, before waiting). The lock is the operating system's
+        (``flock`` on ``records/<key>.lock``): it dies with its process, so a lock file that a killed
+        run left behind is simply taken over."""
+        path = self.dir / f"{key}.lock"
+        fd = _lock(path, block=False)
+        if fd is None and wait:
+            if on_wait is not None:
+                on_wait(_lock_owner(path))
+            fd = _lock(path, block=True)
+        if fd is None:
+            yield False
+            return
         try:
-            aside.parent.mkdir(exist_ok=True)
-            os.replace(path, aside)
-            where = f"moved to {aside}"
-        except OSError as e:
-            where = f"could not move it aside ({e.strerror or e})"
-        warnings.warn(f"{path} is unusable ({why}); {where}" + (f"; {then}" if then else ""))
+            os.ftruncate(fd, 0)
+            os.write(fd, f"pid {os.getpid()} on {socket.gethostname()} since {datetime.datetime.now():%H:%M:%S}\n"
+                     .encode())
+            yield True
+        finally:
+            Path(path).unlink(missing_ok=True)  # before unlocking: a waiter then sees a new file, not this one
+            os.close(fd)
 
     def scan(self) -> Iterator[tuple[Path, RunRecord | None, str | None]]:
         """Every record file: (path, record, None), or (path, None, why it is not usable). Reads only."""
@@ -257,6 +360,64 @@ class RunStore:
 
 def _reason(e: Exception) -> str:
     return str(e) if isinstance(e, BadRecord) else f"unreadable: {type(e).__name__}"
+
+
+def set_aside(path: Path, why: str, then: str = "") -> None:
+    """Move a file that cannot be used to ``corrupt/`` beside it (never delete what a person may want),
+    with a one-line warning."""
+    aside = path.parent / "corrupt" / f"{path.name}.{datetime.datetime.now():%Y%m%dT%H%M%S%f}"
+    try:
+        aside.parent.mkdir(exist_ok=True)
+        os.replace(path, aside)
+        where = f"moved to {aside}"
+    except OSError as e:
+        where = f"could not move it aside ({e.strerror or e})"
+    warnings.warn(f"{path} is unusable ({why}); {where}" + (f"; {then}" if then else ""))
+
+
+def read_checkpoint(path: Path, device) -> dict | None:
+    """A training checkpoint (None if there is none; an unreadable one is set aside: its run starts over)."""
+    import torch
+
+    if not path.exists():
+        return None
+    try:
+        state = torch.load(path, map_location=device, weights_only=True)
+        if not isinstance(state, dict) or not isinstance(state.get("step"), int) or \
+                not isinstance(state.get("model"), dict):
+            raise BadRecord("not a training checkpoint")
+        return state
+    except Exception as e:  # truncated, foreign, or not a pickle at all
+        set_aside(path, _reason(e), then="its run starts again from step 0")
+        return None
+
+
+def _lock(path: Path, block: bool) -> int | None:
+    """An exclusive ``flock`` on ``path`` (created if missing): its file descriptor, or None if held elsewhere."""
+    while True:
+        fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o666)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | (0 if block else fcntl.LOCK_NB))
+        except BlockingIOError:
+            os.close(fd)
+            return None
+        except BaseException:
+            os.close(fd)
+            raise
+        try:
+            current = os.stat(path).st_ino == os.fstat(fd).st_ino
+        except FileNotFoundError:
+            current = False
+        if current:
+            return fd
+        os.close(fd)  # its holder removed the file as it let go: lock the one that stands there now
+
+
+def _lock_owner(path: Path) -> str:
+    try:
+        return path.read_text().strip() or "another process"
+    except OSError:
+        return "another process"
 
 
 # ---------------------------------------------------------------------------------------- migration

@@ -21,7 +21,7 @@ import warnings
 from pathlib import Path
 from typing import Any, Callable
 
-from archbench.errors import ArchbenchError, unknown
+from archbench.errors import ArchbenchError, UsageError, unknown
 from archbench.knobs import Knob, knobs_of
 
 
@@ -128,8 +128,10 @@ register_evaluator = EVALUATORS.register
 def load_plugin_file(path: str | Path) -> None:
     """Import a user's plugin file so that its decorators register their entries."""
     path = Path(path)
+    if path.is_dir():
+        raise UsageError(f"--plugins {str(path)!r} is a folder; give the plugin's .py file")
     if not path.is_file():
-        raise ArchbenchError(f"plugin file {str(path)!r} does not exist")
+        raise UsageError(f"--plugins {str(path)!r}: no such file")
     # Built-ins first, so that a plugin cannot be shadowed by a later lazy load.
     for reg in REGISTRIES.values():
         reg._load()
@@ -156,8 +158,8 @@ def _error_line(e: BaseException, path: Path) -> str:
         if Path(tb.tb_frame.f_code.co_filename).resolve() == path.resolve():
             lineno = tb.tb_lineno
         tb = tb.tb_next
-    if lineno is None and isinstance(e, SyntaxError):
-        lineno = e.lineno
+    if isinstance(e, SyntaxError):  # its message names the line already
+        return ""
     return f" (line {lineno})" if lineno else ""
 
 

@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime
 import math
@@ -28,7 +29,7 @@ from archbench.errors import ArchbenchError, UsageError, unknown
 from archbench.evaluator import point_label
 from archbench.model import StreamModel, build_model, check_stream_shapes
 from archbench.progress import Progress
-from archbench.records import RunRecord, RunStore, digest, run_spec, write_json
+from archbench.records import RunRecord, RunStore, digest, read_checkpoint, run_spec, write_json
 from archbench.registry import BLOCKS, EVALUATORS, TASKS, Entry
 from archbench.train import Outcome, TrainConfig, train
 
@@ -83,6 +84,7 @@ class Sweep:
         self._tasks: dict[str, Any] = {}
 
     def run(self, on_run=None) -> dict:
+        self.check()
         records = []
         found = {run.key: self.store.load(run.key) for run in self.runs}  # each record read and checked once
         with Progress(self.console) as progress:
@@ -97,6 +99,24 @@ class Sweep:
         metrics, plots = self.evaluate_sweep(records)
         return self.write_result(records, metrics, plots)
 
+    def check(self) -> None:
+        """Everything that can be refused, refused before anything trains: every grid point's task and a
+        model of each shape are built, the runs directory takes a file, the result's path is usable."""
+        shapes = set()
+        for _, c in self.points:
+            for _, r in c.replicas():
+                task = self.task(r)
+            if (shape := digest([c.block, c.model])) not in shapes:
+                shapes.add(shape)
+                make_model(self.block, c, self.config.depths[0], task)
+        if self.out.is_dir():
+            raise UsageError(f"--out {self.out}: is a folder; give the result's file name, e.g. {self.out}/result.json")
+        self.store.prepare()
+        try:
+            self.out.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise UsageError(f"--out {self.out}: cannot make its folder ({e.strerror or e})") from None
+
     # ------------------------------------------------------------------------------------ the runs
 
     def task(self, config: Config):
@@ -108,13 +128,21 @@ class Sweep:
 
     def record_of(self, run: Run, found: dict, fresh: dict,
                   progress: Progress) -> tuple[RunRecord, StreamModel | None]:
-        """The run's record (trained now if it has none) and its model if it is in memory."""
+        """The run's record (trained now if it has none) and its model if it is in memory. A run that another
+        process is training is waited for, then read."""
         if run.key in fresh:
             record, model = fresh[run.key]
         elif (record := found[run.key]) is not None:
             record.cached, model = True, None
         else:
-            record, model = self.train_one(run, progress)
+            def waiting(owner):
+                self.console.print(f"[dim]{run.label}: being trained by {owner}; waiting for it[/]")
+
+            with self.store.claim(run.key, on_wait=waiting):
+                if (record := self.store.load(run.key)) is not None:  # finished by the other process
+                    record.cached, model = True, None
+                else:
+                    record, model = self.train_one(run, progress)
         record.vary, record.teacher = run.vary, run.teacher
         if not record.cached:
             self.console.print(_run_line(record, run.label))
@@ -128,48 +156,56 @@ class Sweep:
         outcome = train(model, task, cfg, seed=run.seed, depth=run.depth, checkpoint=ckpt,
                         on_log=lambda step, loss: progress.update(bar, completed=step, info=f"loss {loss:.4g}"))
         progress.remove(bar)
-        record = self.save(run, model, outcome, {"name": "plain"})
-        ckpt.unlink(missing_ok=True)
-        return record, model
+        return self.save(run, model, outcome, {"name": "plain"}), model
 
     def train_together(self, found: dict, progress: Progress) -> dict[str, tuple[RunRecord, StreamModel]]:
-        """Train the uncached runs with the batched engine, one batch per training budget; returns
-        {key: (record, model)}. Runs it cannot batch are left to the plain loop (with a note why)."""
-        from archbench.batched import Job, NotBatchable, train_batched
+        """Train the uncached runs with the batched engine, one batch per training budget and step to resume
+        from; returns {key: (record, model)}. Runs another process is training are left to ``record_of``
+        (which waits for them), runs it cannot batch to the plain loop (with a note why)."""
+        from archbench.batched import NotBatchable, checkpoint_step
 
-        budgets: dict[str, list[Run]] = {}
-        for run in self.runs:
-            if found[run.key] is None:
-                budget = digest({k: v for k, v in run.config.train.items() if k != "lr"})  # lr differences group
-                budgets.setdefault(budget, []).append(run)
+        budgets: dict[tuple, list[tuple[Run, dict | None]]] = {}
         fresh = {}
-        for todo in (runs for runs in budgets.values() if len(runs) > 1):
-            jobs = [Job(new_model(self.block, r.config, r.depth, r.seed, self.task(r.config)), self.task(r.config),
-                        TrainConfig(**r.config.train), r.seed, r.depth,
-                        shape=digest([r.config.block, r.config.model, r.depth])) for r in todo]
-            ckpt = self.store.checkpoint_path("batch-" + digest(sorted(r.key for r in todo)))
-            bar = progress.add(f"{len(jobs)} runs together", total=jobs[0].cfg.steps)
-
-            def on_log(step, losses, bar=bar):
-                finite = [v for v in losses if math.isfinite(v)]
-                progress.update(bar, completed=step,
-                                info=f"loss {min(finite):.3g}-{max(finite):.3g}" if finite else "no finite loss")
-
-            try:
-                outcomes = train_batched(jobs, ckpt, on_log)
-            except NotBatchable as e:
-                if self.spec.engine == "batched":
-                    raise UsageError(f"--engine batched: these runs cannot be trained together: {e}; "
-                                     f"use --engine plain") from None
-                self.console.print(f"[dim]training one run at a time: {e}[/]")
-                continue
-            finally:
-                progress.remove(bar)
-            engine = {"name": "batched", "runs": len(jobs), "wall_s": round(sum(o.train_s for o in outcomes), 3)}
-            for run, job, outcome in zip(todo, jobs, outcomes):
-                fresh[run.key] = (self.save(run, job.model, outcome, engine), job.model)
-            ckpt.unlink(missing_ok=True)
+        with contextlib.ExitStack() as held:
+            for run in self.runs:
+                if found[run.key] is not None or not held.enter_context(self.store.claim(run.key, wait=False)):
+                    continue
+                found[run.key] = self.store.load(run.key)
+                if found[run.key] is not None:  # finished since we looked
+                    continue
+                resume = read_checkpoint(self.store.checkpoint_path(run.key), self.device)
+                budget = digest({k: v for k, v in run.config.train.items() if k != "lr"})  # lr differences group
+                budgets.setdefault((budget, checkpoint_step(resume)), []).append((run, resume))
+            for todo in (runs for runs in budgets.values() if len(runs) > 1):
+                try:
+                    fresh.update(self.train_batch(todo, progress))
+                except NotBatchable as e:
+                    if self.spec.engine == "batched":
+                        raise UsageError(f"--engine batched: these runs cannot be trained together: {e}; "
+                                         f"use --engine plain") from None
+                    self.console.print(f"[dim]training one run at a time: {e}[/]")
         return fresh
+
+    def train_batch(self, todo: list[tuple[Run, dict | None]], progress: Progress) -> dict:
+        from archbench.batched import Job, train_batched
+
+        jobs = [Job(new_model(self.block, r.config, r.depth, r.seed, self.task(r.config)), self.task(r.config),
+                    TrainConfig(**r.config.train), r.seed, r.depth,
+                    shape=digest([r.config.block, r.config.model, r.depth]), checkpoint=self.store.checkpoint_path(r.key), resume=resume) for r, resume in todo]
+        bar = progress.add(f"{len(jobs)} runs together", total=jobs[0].cfg.steps)
+
+        def on_log(step, losses):
+            finite = [v for v in losses if math.isfinite(v)]
+            progress.update(bar, completed=step,
+                            info=f"loss {min(finite):.3g}-{max(finite):.3g}" if finite else "no finite loss")
+
+        try:
+            outcomes = train_batched(jobs, on_log)
+        finally:
+            progress.remove(bar)
+        engine = {"name": "batched", "runs": len(jobs), "wall_s": round(sum(o.train_s for o in outcomes), 3)}
+        return {run.key: (self.save(run, job.model, outcome, engine), job.model)
+                for (run, _), job, outcome in zip(todo, jobs, outcomes)}
 
     def save(self, run: Run, model: StreamModel, outcome: Outcome, engine: dict) -> RunRecord:
         ok = outcome.status == "ok"
@@ -184,6 +220,7 @@ class Sweep:
             env=self.env, engine=engine, finished=datetime.datetime.now(datetime.timezone.utc).isoformat())
         self.store.save_weights(run.key, model.state_dict())
         self.store.save(record)
+        self.store.checkpoint_path(run.key).unlink(missing_ok=True)  # the record supersedes it
         return record
 
     def measure(self, record: RunRecord, model: StreamModel | None, run: Run) -> RunRecord:

@@ -12,6 +12,7 @@ import contextlib
 import dataclasses
 import math
 import time
+import warnings
 from pathlib import Path
 from typing import Annotated, Callable, Literal
 
@@ -19,31 +20,44 @@ import torch
 from timm.optim import create_optimizer_v2
 from timm.scheduler import CosineLRScheduler, PolyLRScheduler
 
-from archbench.knobs import Range
-from archbench.records import atomic_write
+from archbench.errors import unknown
+from archbench.knobs import FRACTION, NON_NEGATIVE, POSITIVE, Range
+from archbench.records import atomic_write, read_checkpoint
 from archbench.task import Task
 
 
 @dataclasses.dataclass
 class TrainConfig:
-    steps: int = 2000
-    batch_size: int = 1024
-    lr: Annotated[float, Range(1e-4, 1e-2, log=True)] = 6e-4
+    steps: Annotated[int, POSITIVE] = 2000
+    batch_size: Annotated[int, POSITIVE] = 1024
+    lr: Annotated[float, Range(1e-4, 1e-2, log=True), POSITIVE] = 6e-4
     optimizer: str = "adam"  # any name timm.optim.create_optimizer_v2 knows: adam, adamw, sgd, lion, ...
-    weight_decay: float = 0.0
+    weight_decay: Annotated[float, NON_NEGATIVE] = 0.0
     # constant; cosine (warmup, then cosine to final_lr_frac·lr); hold-decay (the paper's long
     # schedule: hold for hold_frac of training, then linearly down to final_lr_frac·lr)
     schedule: Literal["constant", "cosine", "hold-decay"] = "constant"
-    warmup_frac: float = 0.0
-    hold_frac: float = 0.8
-    final_lr_frac: float = 0.1
-    lr_depth_ref: int | None = None  # if set, lr·sqrt(ref/depth): the paper's 6e-4·4/√ℓ is ref=16
-    grad_clip: float = 0.0  # max gradient norm; 0 = off
+    warmup_frac: Annotated[float, FRACTION] = 0.0
+    hold_frac: Annotated[float, FRACTION] = 0.8
+    final_lr_frac: Annotated[float, FRACTION] = 0.1
+    # if set, lr·sqrt(ref/depth): the paper's 6e-4·4/√ℓ is ref=16
+    lr_depth_ref: Annotated[int | None, POSITIVE] = None
+    grad_clip: Annotated[float, NON_NEGATIVE] = 0.0  # max gradient norm; 0 = off
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU
-    eval_batch_size: int = 0  # 0 = batch_size
-    log_every: int = 50  # steps between loss readings (and NaN checks)
-    eval_every: int = 0  # steps between held-out evaluations kept in the record (the paper: 500); 0 = at the end only
-    checkpoint_every: int = 1000  # steps between resumable checkpoints; 0 = never
+    eval_batch_size: Annotated[int, NON_NEGATIVE] = 0  # 0 = batch_size
+    log_every: Annotated[int, POSITIVE] = 50  # steps between loss readings (and NaN checks)
+    # steps between held-out evaluations kept in the record (the paper: 500); 0 = at the end only
+    eval_every: Annotated[int, NON_NEGATIVE] = 0
+    checkpoint_every: Annotated[int, NON_NEGATIVE] = 1000  # steps between resumable checkpoints; 0 = never
+
+    def __post_init__(self):
+        if self.optimizer.lower() not in optimizer_names():
+            raise unknown("value for train.optimizer", self.optimizer, optimizer_names())
+
+
+def optimizer_names() -> list[str]:
+    from timm.optim import list_optimizers
+
+    return list_optimizers()
 
 
 @dataclasses.dataclass
@@ -72,7 +86,20 @@ def finish(task: Task, model: torch.nn.Module, cfg: TrainConfig, history: list, 
     if not math.isfinite(metrics["loss"]):
         return Outcome("failed", metrics["loss"], metrics, cfg.steps, history, train_s,
                        failure=f"held-out loss is {metrics['loss']} after step {cfg.steps}", eval_history=eval_history)
+    if collapsed(task, model):
+        return Outcome("failed", metrics["loss"], metrics, cfg.steps, history, train_s, eval_history=eval_history,
+                       failure=f"collapsed: its output no longer depends on its input (held-out loss {metrics['loss']:.4g})")
     return Outcome("ok", metrics["loss"], metrics, cfg.steps, history, train_s, eval_history=eval_history)
+
+
+@torch.no_grad()
+def collapsed(task: Task, model: torch.nn.Module) -> bool:
+    """Whether the model gives every input the same output (a diverged run that settled on a constant, such
+    as the uniform prediction): a loss that measures nothing the depth did."""
+    x, _ = task.batch(8, torch.Generator(device=task.device).manual_seed(12345))
+    out = model(x).float()
+    spread = (out - out[:1]).abs().max()
+    return bool(spread <= 1e-6 * out.abs().max().clamp_min(1e-30))
 
 
 def held_out(task: Task, model: torch.nn.Module, cfg: TrainConfig) -> dict:
@@ -119,8 +146,11 @@ def train(model: torch.nn.Module, task: Task, cfg: TrainConfig, *, seed: int, de
     sched = make_scheduler(opt, cfg, lr)
     gen = torch.Generator(device=device).manual_seed(seed)
     start, history, evals, elapsed = 0, [], [], 0.0
-    if checkpoint is not None and checkpoint.exists():
-        state = torch.load(checkpoint, map_location=device, weights_only=True)
+    state = read_checkpoint(checkpoint, device) if checkpoint is not None else None
+    if state is not None and state.get("engine", "plain") != "plain":
+        warnings.warn(f"{checkpoint} was written by the {state['engine']} engine; this run starts again from step 0")
+        state = None
+    if state is not None:
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         if sched is not None:
@@ -161,7 +191,7 @@ def train(model: torch.nn.Module, task: Task, cfg: TrainConfig, *, seed: int, de
 
 
 def _save_checkpoint(path: Path, model, opt, sched, gen, step, history, evals, train_s):
-    state = {"model": model.state_dict(), "optimizer": opt.state_dict(),
+    state = {"engine": "plain", "model": model.state_dict(), "optimizer": opt.state_dict(),
              "scheduler": sched.state_dict() if sched is not None else {},
              "generator": gen.get_state(), "step": step, "history": history, "eval_history": evals,
              "train_s": train_s}

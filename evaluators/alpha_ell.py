@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import Annotated
 
 import numpy as np
 from scipy.optimize import least_squares
@@ -20,6 +21,7 @@ from scipy.optimize import least_squares
 import archbench
 from archbench.errors import UsageError
 from archbench.evaluator import Evaluator, figure
+from archbench.knobs import POSITIVE
 
 
 def fit_power_law(depths, losses, floor: float | str | None = None) -> dict:
@@ -109,7 +111,7 @@ class AlphaEll(Evaluator):
 
     kind = "sweep"
 
-    def __init__(self, *, floor: str = "auto", n_boot: int = 1000, boot_seed: int = 0):
+    def __init__(self, *, floor: str = "auto", n_boot: Annotated[int, POSITIVE] = 1000, boot_seed: int = 0):
         # floor: auto (the task's own: 0 for KL, fitted where unknown), none, fit, or a number
         if floor not in ("auto", "none", "fit"):
             try:

@@ -23,7 +23,7 @@ import torch
 import archbench
 from archbench.evaluator import Evaluator, panels
 from archbench.evaluators.layer_similarity import heat
-from archbench.knobs import Range
+from archbench.knobs import NON_NEGATIVE, POSITIVE, Range
 from archbench.measure import flat_states, token_batches, tolist
 from archbench.model import trace
 from archbench.records import RunRecord
@@ -38,9 +38,9 @@ class LayerCorrespondence(Evaluator):
     needs_models = True
 
     def __init__(self, *,
-                 max_tokens: Annotated[int, Range(64, 10_000_000)] = 8192,
-                 batch_tokens: Annotated[int, Range(16, 1_000_000)] = 4096,
-                 ridge: Annotated[float, Range(0.0, 1.0)] = 1e-4,
+                 max_tokens: Annotated[int, Range(64, 10_000_000), POSITIVE] = 8192,
+                 batch_tokens: Annotated[int, Range(16, 1_000_000), POSITIVE] = 4096,
+                 ridge: Annotated[float, Range(0.0, 1.0), NON_NEGATIVE] = 1e-4,
                  pairs: Literal["deepest", "all"] = "deepest"):
         self.max_tokens, self.batch_tokens, self.ridge, self.pairs = max_tokens, batch_tokens, ridge, pairs
 

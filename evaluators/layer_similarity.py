@@ -37,9 +37,19 @@ import torch
 
 import archbench
 from archbench.evaluator import Evaluator, panels
-from archbench.knobs import Range
-from archbench.measure import (CKA, Sums, angle, cosine, flat_states, halves, probs_stats, rel_norm, token_batches,
-                               tolist)
+from archbench.knobs import NON_NEGATIVE, POSITIVE, Range
+from archbench.measure import (
+    CKA,
+    Sums,
+    angle,
+    cosine,
+    flat_states,
+    halves,
+    probs_stats,
+    rel_norm,
+    token_batches,
+    tolist,
+)
 from archbench.model import run, trace
 from archbench.records import RunRecord
 
@@ -61,13 +71,13 @@ class LayerSimilarity(Evaluator):
     kind = "model"
 
     def __init__(self, *,
-                 max_tokens: Annotated[int, Range(16, 10_000_000)] = 8192,
-                 lens_tokens: Annotated[int, Range(0, 10_000_000)] = 1024,
-                 batch_tokens: Annotated[int, Range(16, 1_000_000)] = 4096,
+                 max_tokens: Annotated[int, Range(16, 10_000_000), POSITIVE] = 8192,
+                 lens_tokens: Annotated[int, Range(0, 10_000_000), NON_NEGATIVE] = 1024,
+                 batch_tokens: Annotated[int, Range(16, 1_000_000), POSITIVE] = 4096,
                  cka: Literal["auto", "exact", "minibatch"] = "auto",
-                 cka_batch: Annotated[int, Range(8, 8192)] = 256,
-                 stop_ratio: Annotated[float, Range(0.0, 1.0)] = 0.1,
-                 even_cv: Annotated[float, Range(0.0, 10.0)] = 0.5,
+                 cka_batch: Annotated[int, Range(8, 8192), POSITIVE] = 256,
+                 stop_ratio: Annotated[float, Range(0.0, 1.0), NON_NEGATIVE] = 0.1,
+                 even_cv: Annotated[float, Range(0.0, 10.0), NON_NEGATIVE] = 0.5,
                  per_token: bool = False):
         self.max_tokens, self.lens_tokens, self.batch_tokens = max_tokens, lens_tokens, batch_tokens
         self.cka, self.cka_batch = cka, cka_batch

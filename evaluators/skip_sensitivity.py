@@ -37,11 +37,13 @@ import torch
 import archbench
 from archbench.evaluator import Evaluator, panels
 from archbench.evaluators.layer_similarity import deepest, heat, style_axes, sublayer
-from archbench.knobs import Range
+from archbench.knobs import FRACTION, NON_NEGATIVE, POSITIVE, Range
 from archbench.measure import Sums, halves, probs_stats, rel_norm, token_batches, tolist
 from archbench.model import run, trace
-from archbench.task import IGNORE  # targets before t are not scored in the future variant
 from archbench.records import RunRecord
+from archbench.task import (
+    IGNORE,  # targets before t are not scored in the future variant
+)
 
 OUTPUT = ("output_l2", "output_kl", "top1_flip", "loss_increase")
 
@@ -56,13 +58,13 @@ class SkipSensitivity(Evaluator):
     kind = "model"
 
     def __init__(self, *,
-                 max_tokens: Annotated[int, Range(16, 10_000_000)] = 2048,
-                 batch_tokens: Annotated[int, Range(16, 1_000_000)] = 2048,
+                 max_tokens: Annotated[int, Range(16, 10_000_000), POSITIVE] = 2048,
+                 batch_tokens: Annotated[int, Range(16, 1_000_000), POSITIVE] = 2048,
                  sublayers: bool = True,
                  local: bool = True,
                  future: bool = True,
-                 future_at: Annotated[float, Range(0.05, 0.95)] = 0.5,
-                 cut_points: Annotated[int, Range(0, 16)] = 4,
+                 future_at: Annotated[float, Range(0.05, 0.95), FRACTION] = 0.5,
+                 cut_points: Annotated[int, Range(0, 16), NON_NEGATIVE] = 4,
                  cut_seed: int = 123):
         self.max_tokens, self.batch_tokens = max_tokens, batch_tokens
         self.sublayers, self.local, self.future, self.future_at = sublayers, local, future, future_at

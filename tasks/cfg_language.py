@@ -25,7 +25,7 @@ import torch
 
 import archbench
 from archbench.errors import UsageError
-from archbench.knobs import Range
+from archbench.knobs import NON_NEGATIVE, POSITIVE, Range
 from archbench.model import InputSpec
 from archbench.task import EVAL_STREAM, SequenceTask
 
@@ -165,15 +165,15 @@ class CFGLanguage(SequenceTask):
     }
 
     def __init__(self, *, device="cpu",
-                 nesting: Annotated[int, Range(1, 8)] = 4,
-                 nonterminals: int = 3,
-                 alternatives: int = 3,
-                 terminals: int = 16,
+                 nesting: Annotated[int, Range(1, 8), POSITIVE] = 4,
+                 nonterminals: Annotated[int, POSITIVE] = 3,
+                 alternatives: Annotated[int, POSITIVE] = 3,
+                 terminals: Annotated[int, POSITIVE] = 16,
                  grammar_seed: int = 0,
-                 seq_len: int = 64,
-                 solve_gap: float = 0.02,
+                 seq_len: Annotated[int, POSITIVE] = 64,
+                 solve_gap: Annotated[float, NON_NEGATIVE] = 0.02,
                  data_seed: int = 0,
-                 eval_size: int = 512):
+                 eval_size: Annotated[int, POSITIVE] = 512):
         super().__init__(device=device)
         if nesting < 1 or alternatives > terminals or alternatives < 1:
             raise UsageError(f"task.nesting={nesting}, task.alternatives={alternatives}: need nesting >= 1 and "

@@ -7,12 +7,13 @@ is the same default as lm-char's and lm-word's (Python's bundled docs, ``languag
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
 import torch
 import torch.nn.functional as F
 
 from archbench.errors import ArchbenchError, UsageError
+from archbench.knobs import POSITIVE
 from archbench.model import InputSpec
 from archbench.task import Task
 from archbench.tasks.language import load_text
@@ -33,8 +34,9 @@ class HFTextTask(Task):
     default_evaluators = ()
     unit = "token"
 
-    def __init__(self, tokenizer, *, device: str | torch.device = "cpu", seq_len: int = 128,
-                 max_tokens: int = 8192, text_file: str | None = None, vocab_size: int | None = None):
+    def __init__(self, tokenizer, *, device: str | torch.device = "cpu", seq_len: Annotated[int, POSITIVE] = 128,
+                 max_tokens: Annotated[int, POSITIVE] = 8192, text_file: str | None = None,
+                 vocab_size: Annotated[int | None, POSITIVE] = None):
         super().__init__(device=device)
         if seq_len < 1:
             raise UsageError(f"seq_len={seq_len}: need at least 1")

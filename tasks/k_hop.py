@@ -23,7 +23,7 @@ import torch
 
 import archbench
 from archbench.errors import UsageError
-from archbench.knobs import Range
+from archbench.knobs import FRACTION, POSITIVE, Range
 from archbench.model import InputSpec
 from archbench.task import IGNORE, SequenceTask
 
@@ -46,14 +46,14 @@ class KHop(SequenceTask):
     }
 
     def __init__(self, *, device="cpu",
-                 k: Annotated[int, Range(1, 16)] = 2,
-                 pairs: int = 16,
-                 alphabet: int = 32,
+                 k: Annotated[int, Range(1, 16), POSITIVE] = 2,
+                 pairs: Annotated[int, POSITIVE] = 16,
+                 alphabet: Annotated[int, POSITIVE] = 32,
                  encoding: Literal["pair", "tokens"] = "pair",
                  curriculum: Literal["none", "grow"] = "none",
-                 curriculum_frac: float = 0.5,
+                 curriculum_frac: Annotated[float, FRACTION] = 0.5,
                  data_seed: int = 0,
-                 eval_size: int = 1024):
+                 eval_size: Annotated[int, POSITIVE] = 1024):
         super().__init__(device=device)
         if not 1 <= k <= pairs:
             raise UsageError(f"task.k={k}: needs 1 <= k <= pairs ({pairs}), since the chain's keys are distinct pairs")

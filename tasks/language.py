@@ -11,12 +11,14 @@ import collections
 import math
 import re
 from pathlib import Path
+from typing import Annotated
 
 import torch
 import torch.nn.functional as F
 
 import archbench
 from archbench.errors import ArchbenchError
+from archbench.knobs import FRACTION, POSITIVE
 from archbench.model import InputSpec
 from archbench.task import Task, pure_loss
 
@@ -49,8 +51,8 @@ class TextLM(Task):
         """Token ids of ``text`` and the vocabulary; built from the first ``n_train_chars`` only."""
         raise NotImplementedError
 
-    def __init__(self, *, device="cpu", seq_len: int = 64, text_file: str | None = None,
-                 val_fraction: float = 0.1, eval_batches: int = 8):
+    def __init__(self, *, device="cpu", seq_len: Annotated[int, POSITIVE] = 64, text_file: str | None = None,
+                 val_fraction: Annotated[float, FRACTION] = 0.1, eval_batches: Annotated[int, POSITIVE] = 8):
         super().__init__(device=device)
         text = load_text(text_file)
         ids, self.vocab = self.tokenize(text, int(len(text) * (1 - val_fraction)))
@@ -131,8 +133,9 @@ class WordLM(TextLM):
                   "train": {"steps": 20_000, "batch_size": 64, "lr": 1e-3, "schedule": "cosine", "warmup_frac": 0.02}},
     }
 
-    def __init__(self, *, device="cpu", seq_len: int = 32, text_file: str | None = None,
-                 vocab_size: int = 4096, val_fraction: float = 0.1, eval_batches: int = 8):
+    def __init__(self, *, device="cpu", seq_len: Annotated[int, POSITIVE] = 32, text_file: str | None = None,
+                 vocab_size: Annotated[int, POSITIVE] = 4096, val_fraction: Annotated[float, FRACTION] = 0.1,
+                 eval_batches: Annotated[int, POSITIVE] = 8):
         if vocab_size < 2:
             raise ArchbenchError(f"task.vocab_size={vocab_size}: need at least 2 (one word and <unk>)")
         self.vocab_size = vocab_size

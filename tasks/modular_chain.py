@@ -13,7 +13,7 @@ import torch
 
 import archbench
 from archbench.errors import UsageError
-from archbench.knobs import Range
+from archbench.knobs import POSITIVE, Range
 from archbench.model import InputSpec
 from archbench.task import IGNORE, SequenceTask
 
@@ -36,11 +36,11 @@ class ModularChain(SequenceTask):
     }
 
     def __init__(self, *, device="cpu",
-                 n: Annotated[int, Range(2, 16)] = 3,
-                 p: int = 97,
+                 n: Annotated[int, Range(2, 16), POSITIVE] = 3,
+                 p: Annotated[int, POSITIVE] = 97,
                  op: Literal["sum", "product"] = "sum",
                  data_seed: int = 0,
-                 eval_size: int = 256):
+                 eval_size: Annotated[int, POSITIVE] = 256):
         super().__init__(device=device)
         if n < 2 or p < 2:
             raise UsageError(f"task.n={n}, task.p={p}: need n >= 2 operands and a modulus p >= 2")

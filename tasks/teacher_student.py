@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 import archbench
 from archbench.blocks.residual import PAPER_1, ResidualMLP
-from archbench.knobs import Range
+from archbench.knobs import POSITIVE, Range
 from archbench.model import FixedReadout, InputSpec, Readout, StreamModel, VectorEmbed
 from archbench.task import Task, pure_loss
 
@@ -93,18 +93,16 @@ class TeacherStudent(Task):
     def __init__(self, *, device="cpu",
                  teacher: Literal["independent", "tied"] = "independent",
                  # The paper sweeps T over [0.01, 1]; at T = 1 a CPU-sized budget gets closest to convergence.
-                 temperature: Annotated[float, Range(0.01, 1.0, log=True)] = 1.0,
-                 teacher_depth: int = 128,
+                 temperature: Annotated[float, Range(0.01, 1.0, log=True), POSITIVE] = 1.0,
+                 teacher_depth: Annotated[int, POSITIVE] = 128,
                  dim: int = 32,
-                 vocab: int = 128,
+                 vocab: Annotated[int, POSITIVE] = 128,
                  teacher_seed: int = 0,
-                 eval_batches: int = 10,
+                 eval_batches: Annotated[int, POSITIVE] = 10,
                  # learned: the student's own zero-init head; teacher: the teacher's frozen head (exp-9-3)
                  head: Literal["learned", "teacher"] = "learned",
                  objective: Literal["kl", "mse"] = "kl"):
         super().__init__(device=device)
-        if temperature <= 0:
-            raise archbench.UsageError(f"task.temperature must be > 0, got {temperature}")
         if objective == "mse" and (head != "learned" or temperature != 1.0):
             raise archbench.UsageError("task.objective=mse matches rmsnorm(h_L), with no head and no temperature: "
                                        "leave task.head and task.temperature at their defaults")

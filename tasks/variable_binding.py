@@ -15,7 +15,7 @@ import torch
 
 import archbench
 from archbench.errors import UsageError
-from archbench.knobs import Range
+from archbench.knobs import NON_NEGATIVE, POSITIVE, Range
 from archbench.model import InputSpec
 from archbench.task import IGNORE, SequenceTask
 
@@ -37,12 +37,12 @@ class VariableBinding(SequenceTask):
     }
 
     def __init__(self, *, device="cpu",
-                 hops: Annotated[int, Range(1, 8)] = 3,
-                 distractors: Annotated[int, Range(0, 8)] = 2,
-                 names: int = 32,
-                 values: int = 10,
+                 hops: Annotated[int, Range(1, 8), POSITIVE] = 3,
+                 distractors: Annotated[int, Range(0, 8), NON_NEGATIVE] = 2,
+                 names: Annotated[int, POSITIVE] = 32,
+                 values: Annotated[int, POSITIVE] = 10,
                  data_seed: int = 0,
-                 eval_size: int = 1024):
+                 eval_size: Annotated[int, POSITIVE] = 1024):
         super().__init__(device=device)
         chains = 1 + distractors
         if hops < 1 or distractors < 0:

@@ -19,7 +19,7 @@ import torch
 
 import archbench
 from archbench.errors import UsageError
-from archbench.knobs import Range
+from archbench.knobs import POSITIVE, Range
 from archbench.model import InputSpec
 from archbench.task import SequenceTask
 
@@ -116,8 +116,8 @@ class WordProblem(SequenceTask):
     }
 
     def __init__(self, *, device="cpu", group: str = "S5",
-                 seq_len: Annotated[int, Range(4, 128)] = 16,
-                 data_seed: int = 0, eval_size: int = 1024):
+                 seq_len: Annotated[int, Range(4, 128), POSITIVE] = 16,
+                 data_seed: int = 0, eval_size: Annotated[int, POSITIVE] = 1024):
         super().__init__(device=device)
         self.elements = group_elements(group)
         self.table = multiplication_table(self.elements).to(self.device)

@@ -5,7 +5,8 @@ import sys
 import pytest
 import torch
 
-torch.set_num_threads(min(2, os.cpu_count() or 1))  # CI has two shared cores
+# CI has two shared cores; OMP_NUM_THREADS=1 leaves one to something else running beside the tests
+torch.set_num_threads(min(int(os.environ.get("OMP_NUM_THREADS") or 2), os.cpu_count() or 1))
 
 
 def run_cli(*args, cwd=None, timeout=300, env=None):

@@ -126,11 +126,11 @@ def test_killed_batch_resumes_to_the_same_losses(main, tmp_path):
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     records = tmp_path / "killed" / "records"
     deadline = time.time() + 240
-    while time.time() < deadline and not list(records.glob("batch-*.ckpt.pt")):
+    while time.time() < deadline and not list(records.glob("*.ckpt.pt")):
         time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    assert list(records.glob("batch-*.ckpt.pt")) and not list(records.glob("*.json")), "killed mid-batch"
+    assert list(records.glob("*.ckpt.pt")) and not list(records.glob("*.json")), "killed mid-batch"
     for runs in (tmp_path / "killed", tmp_path / "whole"):
         done = main(*args(runs))
         assert done.returncode == 0, done.stderr

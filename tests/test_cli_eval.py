@@ -110,7 +110,7 @@ def test_broken_plugin_file_gets_one_line(main, tmp_path, source, message):
     r = main("list", "blocks", "--plugins", f)
     assert r.returncode == 1
     assert r.stderr.strip().count("\n") == 0 and "bad_plugin.py" in r.stderr and message in r.stderr
-    assert "Traceback" not in r.stderr
+    assert "Traceback" not in r.stderr and r.stderr.count("line ") == 1
 
 
 def test_wrong_shape_block_and_missing_plugin_get_one_line(main, tmp_path):
@@ -127,7 +127,9 @@ def test_wrong_shape_block_and_missing_plugin_get_one_line(main, tmp_path):
     assert r.returncode == 1 and r.stderr.strip().count("\n") == 0, r.stderr
     assert "block 'widen' (layer 0) returned shape (2, 1, 33), expected (2, 1, 32)" in r.stderr
     r = main("eval", "--plugins", tmp_path / "nope.py", "--preset", "smoke")
-    assert r.returncode == 1 and "does not exist" in r.stderr
+    assert r.returncode == 2 and "nope.py': no such file" in r.stderr
+    r = main("eval", "--plugins", tmp_path, "--preset", "smoke")
+    assert r.returncode == 2 and "is a folder; give the plugin's .py file" in r.stderr
 
 
 def test_lm_char_smoke(main, tmp_path):

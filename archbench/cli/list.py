@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 
-from archbench.errors import unknown
+from archbench.errors import close_names, unknown
 
 NAME = "list"
 HELP = "list registered blocks, tasks or evaluators (wildcards allowed: 'residual*')"
@@ -32,7 +32,10 @@ def run(args) -> int:
     # piped into grep or a file: wide lines rather than descriptions wrapped mid-sentence
     console = Console(highlight=False, width=None if sys.stdout.isatty() else 200)
     if not entries:
-        console.print(f"no {kind} match {' '.join(patterns)!r}")
+        names = [e.name for e in registry.entries()]
+        close = sorted({c for p in patterns for c in close_names(p, names)})
+        hint = f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
+        print(f"archbench: no {kind} match {' '.join(patterns)!r}{hint}", file=sys.stderr)
         return 1
     table = Table(box=None, pad_edge=False)
     table.add_column(kind[:-1], style="bold")
@@ -53,4 +56,5 @@ def _knob_line(k) -> str:
     rng = ""
     if k.range:
         rng = f" [{k.range.low:g}, {k.range.high:g}{', log' if k.range.log else ''}]"
-    return f"{k.name}: {k.describe_type()} = {k.default!r}{rng}"
+    valid = f" ({k.bounds})" if k.bounds else ""
+    return f"{k.name}: {k.describe_type()} = {k.default!r}{rng}{valid}"

@@ -6,7 +6,9 @@ from __future__ import annotations
 import dataclasses
 import multiprocessing
 import os
+import signal
 import sys
+import threading
 import time
 from typing import Callable
 
@@ -56,10 +58,11 @@ def _work(spec: SearchSpec, space: Space, share: int, runner: TrialRunner, on_tr
         study.optimize(runner, n_trials=1, catch=(TrialFailed,), callbacks=callbacks)
 
 
-def _worker_main(spec: SearchSpec, share: int, index: int) -> None:
+def _worker_main(spec: SearchSpec, share: int, index: int, parent: int) -> None:
     """One of ``--workers K`` processes (spawned, so CUDA is safe): its share of the trials."""
     import torch
 
+    _stop_with(parent)
     from archbench.registry import load_plugin_file
 
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // spec.workers))
@@ -77,13 +80,24 @@ def _worker_main(spec: SearchSpec, share: int, index: int) -> None:
             pass
 
 
+def _stop_with(parent: int) -> None:
+    """Interrupt this worker, as Ctrl-C would, once the process that started it is gone (killed with -9, say),
+    so that no worker trains on for a command nobody is running."""
+    def watch():
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        os.kill(os.getpid(), signal.SIGINT)
+
+    threading.Thread(target=watch, daemon=True).start()
+
+
 def _spawn(spec: SearchSpec, remaining: int, on_trial=None) -> None:
     """K processes split the remaining trials (exactly, so none is run twice or left over); this
     process reports each trial as it ends."""
     spec.study_dir.mkdir(parents=True, exist_ok=True)
     shares = [remaining // spec.workers + (i < remaining % spec.workers) for i in range(spec.workers)]
     ctx = multiprocessing.get_context("spawn")
-    procs = [ctx.Process(target=_worker_main, args=(spec, n, i), daemon=False) for i, n in enumerate(shares) if n]
+    procs = [ctx.Process(target=_worker_main, args=(spec, n, i, os.getpid()), daemon=False) for i, n in enumerate(shares) if n]
     for p in procs:
         p.start()
     storage = open_storage(spec.storage_url, heartbeat=False)
