@@ -29,7 +29,8 @@ from archbench.errors import ArchbenchError, UsageError, unknown
 from archbench.evaluator import point_label
 from archbench.model import StreamModel, build_model, check_stream_shapes
 from archbench.progress import Progress
-from archbench.records import RunRecord, RunStore, digest, read_checkpoint, run_spec, write_json
+from archbench.records import (RunRecord, RunStore, digest, read_checkpoint, remove_stale_temporaries, run_spec,
+                               write_json)
 from archbench.registry import BLOCKS, EVALUATORS, TASKS, Entry
 from archbench.train import Outcome, TrainConfig, train
 
@@ -116,6 +117,7 @@ class Sweep:
             self.out.parent.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise UsageError(f"--out {self.out}: cannot make its folder ({e.strerror or e})") from None
+        remove_stale_temporaries(self.out.parent)
 
     # ------------------------------------------------------------------------------------ the runs
 

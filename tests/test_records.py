@@ -5,7 +5,7 @@ import json
 import pytest
 
 from archbench.records import (RECORD_VERSION, BadRecord, RunRecord, RunStore, atomic_write, atomic_write_text,
-                               digest, migrate_record)
+                               WriteError, digest, migrate_record)
 
 TINY = ["--preset", "smoke", "--depths", "1,2", "--set", "train.steps=20", "--evaluators", "alpha-ell"]
 
@@ -51,7 +51,7 @@ def test_atomic_write_leaves_the_old_file_or_the_new_one(tmp_path):
         f.write(b"half")
         raise RuntimeError("disk full")  # what torch.save raises
 
-    with pytest.raises(RuntimeError):
+    with pytest.raises(WriteError, match=r"cannot write .*f\.json: disk full; [\d,]+ MB free there"):
         atomic_write(path, broken)
     assert path.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["f.json"]
 
