@@ -56,7 +56,7 @@ class Job:
     depth: int
     shape: str  # runs with equal shape keys have identical module structure (block config, width, depth)
     checkpoint: Path | None = None  # this run's own checkpoint file, written every cfg.checkpoint_every steps
-    resume: dict | None = None  # a checkpoint this engine wrote (``checkpoint_state``) to continue from
+    resume: dict | None = None  # the run's checkpoint (``records.read_checkpoint``) to continue from
 
 
 class NotBatchable(Exception):

@@ -53,8 +53,10 @@ def run_spec(block, task, config, depth: int, seed: int) -> dict:
             "model": config.model, "train": config.train, "depth": depth, "seed": seed}
 
 
-SPEC_FIELDS = ("numerics", "block", "block_version", "block_cfg", "task", "task_version", "task_cfg", "model",
-               "train", "depth", "seed")
+# the spec's fields and their JSON types
+SPEC_TYPES = {"numerics": int, "block": str, "block_version": int, "block_cfg": dict, "task": str, "task_version": int,
+              "task_cfg": dict, "model": dict, "train": dict, "depth": int, "seed": int}
+SPEC_FIELDS = tuple(SPEC_TYPES)
 
 
 class BadRecord(ValueError):
@@ -146,7 +148,7 @@ class RunRecord:
         missing = [k for k in SPEC_FIELDS if k not in data["spec"]]
         if missing:
             raise BadRecord(f"its spec lacks {', '.join(missing)}")
-        for name, types in _SPEC_TYPES.items():
+        for name, types in SPEC_TYPES.items():
             if not _has_type(data["spec"][name], types):
                 raise BadRecord(f"its spec's '{name}' has the wrong type ({type(data['spec'][name]).__name__})")
         for field, types in (("env", (str, type(None))), ("source", (str, type(None))),
@@ -171,10 +173,6 @@ _TYPES = {"key": str, "spec": dict, "depth": int, "effective_depth": int, "seed"
           "solved": (bool, type(None)), "failure": (str, type(None)), "steps_done": int, "history": list,
           "wall_s": _NUMBER, "source": dict, "env": dict, "engine": dict, "finished": str, "record_version": int,
           "eval_history": list}
-
-
-_SPEC_TYPES = {"numerics": int, "block": str, "block_version": int, "block_cfg": dict, "task": str, "task_version": int,
-               "task_cfg": dict, "model": dict, "train": dict, "depth": int, "seed": int}
 
 
 def _has_type(value, types) -> bool:
@@ -294,7 +292,7 @@ class RunStore:
         except FileNotFoundError:
             return None
         except (OSError, UnicodeDecodeError, json.JSONDecodeError, BadRecord) as e:
-            self.set_aside(path, _reason(e), then="its run is trained again")
+            set_aside(path, _reason(e), then="its run is trained again")
             return None
 
     def save(self, record: RunRecord) -> Path:
@@ -308,9 +306,6 @@ class RunStore:
         import torch
 
         atomic_write(self.weights_path(key), lambda f: torch.save(state_dict, f))
-
-    def set_aside(self, path: Path, why: str, then: str = "") -> None:
-        set_aside(path, why, then)
 
     def prepare(self) -> None:
         """Before anything trains: the records folder takes a file (a read-only folder or a full disk fails

@@ -30,7 +30,7 @@ from archbench.evaluator import point_label
 from archbench.model import StreamModel, build_model, check_stream_shapes
 from archbench.progress import Progress
 from archbench.records import (RunRecord, RunStore, digest, read_checkpoint, remove_stale_temporaries, run_spec,
-                               write_json)
+                               set_aside, write_json)
 from archbench.registry import BLOCKS, EVALUATORS, TASKS, Entry
 from archbench.train import Outcome, TrainConfig, train
 
@@ -337,7 +337,7 @@ def load_model(store: RunStore, block: Entry, config: Config, record: RunRecord,
     try:
         model.load_state_dict(torch.load(weights, map_location=task.device, weights_only=True))
     except Exception as e:  # a truncated or foreign file: set aside, the run's record stays
-        store.set_aside(weights, f"weights unreadable: {type(e).__name__}", then=f"skipping {why or 'it'}")
+        set_aside(weights, f"weights unreadable: {type(e).__name__}", then=f"skipping {why or 'it'}")
         return None
     return model.eval()
 
