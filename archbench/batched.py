@@ -12,7 +12,11 @@ that share a training budget (steps, batch size) and does in one step what that 
   the temperature), drawn once per step for every depth and every group;
 - the optimizer is timm's over the stacked tensors, which is the per-run optimizer exactly when it
   is elementwise (Adam, AdamW, SGD, Lion, ...); weight decay is grouped as timm groups a model's
-  parameters, and gradient clipping uses each run's own norm.
+  parameters, and gradient clipping uses each run's own norm;
+- **compiled** (``compiled=True``): each group's forward and loss go through ``torch.compile``, which
+  fuses the elementwise work around the small matmuls (and its backward), and a task that can draw
+  several steps' batches in one call (``Task.draw_many``: the teacher's forward on 16 steps' inputs
+  at once) is asked for them ahead, with its own per-step work compiled too (``Task.compile_draw``).
 
 Each run starts from the model the plain loop would build (same seed, same init), and gets the
 batches the plain loop would draw, so the two paths give the same losses up to floating-point
@@ -23,6 +27,7 @@ Python control flow; an optimizer that is not elementwise); the sweep then uses 
 
 from __future__ import annotations
 
+import collections
 import copy
 import dataclasses
 import math
@@ -43,6 +48,8 @@ from archbench.train import (Outcome, TrainConfig, autocast_for, evaluates_at, f
 
 # timm optimizers whose update of each element reads only that element's state: stacking is exact
 ELEMENTWISE = ("adam", "adamw", "adamax", "nadam", "radam", "sgd", "momentum", "nesterov", "lion", "rmsprop")
+# compiled training asks a task that batches its draws (Task.draw_many) for this many steps' batches at once
+DRAW_AHEAD = 16
 
 
 @dataclasses.dataclass
@@ -90,15 +97,25 @@ def _loss_key(task: Task):
 
 
 class _Stream:
-    """One sequence of batches: a task's inputs for one seed, shared by every run that draws them."""
+    """One sequence of batches: a task's inputs for one seed, shared by every run that draws them.
 
-    def __init__(self, task: Task, seed: int, device):
+    With ``ahead`` > 1 and a task that batches its draws, the next ``ahead`` steps' batches are drawn in one
+    call; the engine never asks past a checkpoint, so the generator's state there is the step's own."""
+
+    def __init__(self, task: Task, seed: int, device, ahead: int = 1):
         self.task = task
         self.gen = torch.Generator(device=device).manual_seed(seed)
+        self.ahead = ahead if type(task).draw_many is not Task.draw_many else 1
         self.x = self.shared = None
+        self.queue: collections.deque = collections.deque()
 
-    def draw(self, batch_size: int) -> None:
-        self.x, self.shared = self.task.draw(batch_size, self.gen)
+    def draw(self, batch_size: int, left: int) -> None:
+        """The batch of the next step; ``left``: steps to the next checkpoint or the end."""
+        if not self.queue:
+            n = min(self.ahead, left)
+            self.queue.extend(self.task.draw_many(batch_size, self.gen, n) if n > 1
+                              else [self.task.draw(batch_size, self.gen)])
+        self.x, self.shared = self.queue.popleft()
 
 
 class _Group:
@@ -154,10 +171,36 @@ class _Group:
         name_of = {id(p): n for n, p in self.jobs[0].model.named_parameters()}
         groups = [{**g, "params": [self.params[name_of[id(p)]] for p in g["params"]]}
                   for g in param_groups_weight_decay(self.jobs[0].model, cfg.weight_decay)]
-        extra = {"fused": True} if cfg.optimizer.lower() in ("adam", "adamw") and \
-            next(iter(self.params.values())).is_cuda else {}
+        # torch's fused Adam: one kernel for all tensors (CPU and CUDA), the same update as the loop's
+        extra = {"fused": True} if cfg.optimizer.lower() in ("adam", "adamw") else {}
         self.opt = create_optimizer_v2(groups, opt=cfg.optimizer, lr=lr, weight_decay=cfg.weight_decay, **extra)
         self.sched = make_scheduler(self.opt, cfg, lr)
+
+    def build_step(self, cfg: TrainConfig, compiled: bool) -> None:
+        """``self.train_losses(params, buffers, x, y)``: every run's training loss, its forward at the run's
+        precision; with ``compiled``, through ``torch.compile`` (its own cache: a group's graph serves no other)."""
+        device, forward, losses = self.jobs[0].task.device, self.forward, self.losses
+
+        def train_losses(params, buffers, x, y):
+            with autocast_for(device, cfg.precision):
+                logits = forward(params, buffers, x)
+            return losses(logits, y)
+
+        self.eager = train_losses
+        self.train_losses = torch.compile(train_losses, dynamic=False, isolate_recompiles=True) \
+            if compiled else train_losses
+        self.compile_checked = not compiled
+
+    def step_losses(self, x, y):
+        if self.compile_checked:
+            return self.train_losses(*self.state(), x, y)
+        self.compile_checked = True  # the first compiled call compiles: a failure there falls back to eager
+        try:
+            return self.train_losses(*self.state(), x, y)
+        except Exception as e:
+            warnings.warn(f"torch.compile could not compile this model ({_first_line(e)}); training it uncompiled")
+            self.train_losses = self.eager
+            return self.eager(*self.state(), x, y)
 
     def losses(self, logits, targets):
         if self.loss is not None:
@@ -180,17 +223,29 @@ class _Group:
         return model
 
 
-def train_batched(jobs: list[Job], on_log: Callable[[int, list[float]], None] | None = None) -> list[Outcome]:
+def train_batched(jobs: list[Job], on_log: Callable[[int, list[float]], None] | None = None, *,
+                  compiled: bool = False) -> list[Outcome]:
     """Train ``jobs`` together; one ``Outcome`` per job, as ``train`` would give for each alone.
 
     Each outcome's ``train_s`` is the batch's wall time shared equally among its runs. Every
     ``checkpoint_every`` steps each run's state goes to its own ``Job.checkpoint``; a job given a
     ``resume`` state continues from it (all jobs of one call from the same step), whichever of the
-    runs once trained beside it have finished since.
+    runs once trained beside it have finished since. ``compiled``: through ``torch.compile`` (see the
+    module's docstring); where compiling fails, the run goes on uncompiled, with one warning.
     """
     with warnings.catch_warnings():  # ops without a vmap rule are looped over the runs: slower, still exact
         warnings.filterwarnings("ignore", message="There is a performance drop")
-        return _train(jobs, on_log)
+        return _train(jobs, on_log, compiled)
+
+
+def compile_steps(setting: str, steps: int) -> bool:
+    """Whether ``--compile`` ``setting`` (auto, on, off) compiles a batch of ``steps`` steps: ``auto`` does from
+    ``COMPILE_MIN_STEPS`` on, where the compile time (seconds per model shape) is paid back."""
+    return setting == "on" or (setting == "auto" and steps >= COMPILE_MIN_STEPS)
+
+
+# a quick-preset sweep (4,000 steps) gains; a search trial of 1,000 steps would spend longer compiling than training
+COMPILE_MIN_STEPS = 2000
 
 
 def checkpoint_step(state: dict | None) -> int:
@@ -198,7 +253,7 @@ def checkpoint_step(state: dict | None) -> int:
     return state["step"] if state and state.get("engine") == "batched" else 0
 
 
-def _train(jobs, on_log):
+def _train(jobs, on_log, compiled):
     cfg, device = jobs[0].cfg, jobs[0].task.device
     resumed = [j.resume if checkpoint_step(j.resume) else None for j in jobs]
     if len({checkpoint_step(r) for r in resumed}) > 1:
@@ -210,8 +265,12 @@ def _train(jobs, on_log):
     groups = check(jobs)
     for g in groups:
         g.build_optimizer(g.jobs[0].cfg)
-    streams, feeds, stream_of = _streams(jobs, groups, device)
+        g.build_step(g.jobs[0].cfg, compiled)
+    streams, feeds, stream_of = _streams(jobs, groups, device, DRAW_AHEAD if compiled else 1)
     tasks = {id(j.task): j.task for j in jobs}.values()
+    if compiled:
+        for s in streams.values():
+            s.task.compile_draw()
     histories = {id(j): [] for j in jobs}
     evals = {id(j): [] for j in jobs}  # [step, held-out loss] every eval_every steps
     failures: dict[int, tuple[float, str, int]] = {}  # id(job) -> (loss, why, step)
@@ -224,9 +283,12 @@ def _train(jobs, on_log):
         done = step + 1
         for task in tasks:
             task.set_progress(step / cfg.steps)
+        left = cfg.steps - step
+        if cfg.checkpoint_every:
+            left = min(left, cfg.checkpoint_every - step % cfg.checkpoint_every)
         for s in streams.values():
-            s.draw(cfg.batch_size)
-        logged = _step(groups, feeds, cfg, done, device)
+            s.draw(cfg.batch_size, left)
+        logged = _step(groups, feeds, cfg, done)
         if logged:
             values = _record_losses(logged, histories, failures, done)
             if on_log:
@@ -242,20 +304,20 @@ def _train(jobs, on_log):
     return _outcomes(jobs, groups, histories, evals, failures, train_s)
 
 
-def _streams(jobs, groups, device):
+def _streams(jobs, groups, device, ahead):
     """One batch stream per (task inputs, seed), and per group each run's (stream, key of its targets, task),
     looked up once, not every step."""
     streams: dict[tuple, _Stream] = {}
     stream_of = {}  # id(job) -> stream key
     for j in jobs:
         key = (j.task.stream_key(), j.seed)
-        streams.setdefault(key, _Stream(j.task, j.seed, device))
+        streams.setdefault(key, _Stream(j.task, j.seed, device, ahead))
         stream_of[id(j)] = key
     feeds = [[(streams[stream_of[id(j)]], (stream_of[id(j)], id(j.task)), j.task) for j in g.jobs] for g in groups]
     return streams, feeds, stream_of
 
 
-def _step(groups, feeds, cfg, done, device) -> list:
+def _step(groups, feeds, cfg, done) -> list:
     """One optimizer step of every group on the batches drawn; the groups' losses at a log point."""
     targets: dict[tuple, torch.Tensor] = {}  # (stream, task) -> targets, shared across groups
     logged = []
@@ -263,11 +325,9 @@ def _step(groups, feeds, cfg, done, device) -> list:
         for s, key, task in feed:
             if key not in targets:
                 targets[key] = task.targets(s.x, s.shared)
-        xs = [s.x for s, _, _ in feed]
-        ys = [targets[key] for _, key, _ in feed]
-        with autocast_for(device, cfg.precision):
-            logits = g.forward(*g.state(), torch.stack(xs))
-        losses = g.losses(logits, torch.stack(ys))
+        x = torch.stack([s.x for s, _, _ in feed])
+        y = torch.stack([targets[key] for _, key, _ in feed])
+        losses = g.step_losses(x, y)
         g.opt.zero_grad(set_to_none=True)
         losses.nan_to_num(0.0, 0.0, 0.0).sum().backward()  # a diverged run must not stop the others
         if cfg.grad_clip > 0:

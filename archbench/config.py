@@ -23,6 +23,7 @@ from archbench.train import TrainConfig
 
 SECTIONS = ("block", "task", "model", "train")  # the sections that determine a run's numbers
 ENGINES = ("auto", "batched", "plain")
+COMPILE = ("auto", "on", "off")
 
 
 @dataclasses.dataclass
@@ -51,6 +52,8 @@ class EvalSpec:
     # auto: train the sweep's runs together (archbench.batched) where that is exact, else one by one;
     # batched: insist (an error says why not); plain: the reference loop, one run after another
     engine: str = "auto"
+    # the batched engine through torch.compile: auto (batches of COMPILE_MIN_STEPS steps or more), on, off
+    compile: str = "auto"
 
 
 @dataclasses.dataclass

@@ -23,7 +23,7 @@ import torch
 from rich.console import Console
 
 import archbench
-from archbench.config import ENGINES, Config, EvalSpec, resolve_config
+from archbench.config import COMPILE, ENGINES, Config, EvalSpec, resolve_config
 from archbench.env import environment, resolve_device
 from archbench.errors import ArchbenchError, UsageError, unknown
 from archbench.evaluator import point_label
@@ -66,6 +66,8 @@ class Sweep:
     def __init__(self, spec: EvalSpec, console: Console | None = None):
         if spec.engine not in ENGINES:
             raise unknown("engine", spec.engine, ENGINES)
+        if spec.compile not in COMPILE:
+            raise unknown("--compile setting", spec.compile, COMPILE)
         self.spec = spec
         self.console = console or Console(stderr=True)
         self.config = resolve_config(spec)
@@ -189,7 +191,7 @@ class Sweep:
         return fresh
 
     def train_batch(self, todo: list[tuple[Run, dict | None]], progress: Progress) -> dict:
-        from archbench.batched import Job, train_batched
+        from archbench.batched import Job, compile_steps, train_batched
 
         jobs = [Job(new_model(self.block, r.config, r.depth, r.seed, self.task(r.config)), self.task(r.config),
                     TrainConfig(**r.config.train), r.seed, r.depth,
@@ -201,11 +203,13 @@ class Sweep:
             progress.update(bar, completed=step,
                             info=f"loss {min(finite):.3g}-{max(finite):.3g}" if finite else "no finite loss")
 
+        compiled = compile_steps(self.spec.compile, jobs[0].cfg.steps)
         try:
-            outcomes = train_batched(jobs, on_log)
+            outcomes = train_batched(jobs, on_log, compiled=compiled)
         finally:
             progress.remove(bar)
-        engine = {"name": "batched", "runs": len(jobs), "wall_s": round(sum(o.train_s for o in outcomes), 3)}
+        engine = {"name": "batched", "runs": len(jobs), "wall_s": round(sum(o.train_s for o in outcomes), 3),
+                  **({"compiled": True} if compiled else {})}
         return {run.key: (self.save(run, job.model, outcome, engine), job.model)
                 for (run, _), job, outcome in zip(todo, jobs, outcomes)}
 

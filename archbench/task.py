@@ -75,6 +75,17 @@ class Task:
     def targets(self, x: torch.Tensor, shared) -> torch.Tensor:
         return shared
 
+    def draw_many(self, batch_size: int, generator: torch.Generator, n: int) -> list[tuple]:
+        """``n`` steps' ``draw``s in one call, equal to ``n`` calls of ``draw`` in a row up to floating-point
+        summation order. A task overrides it where the shared work batches well (a teacher's forward on
+        all ``n`` steps' inputs at once); the batched engine asks for steps ahead only from a task that
+        does, so a task whose draws depend on ``set_progress`` keeps this default."""
+        return [self.draw(batch_size, generator) for _ in range(n)]
+
+    def compile_draw(self) -> None:
+        """Compile (``torch.compile``) the work ``draw`` does every step; the batched engine calls it when
+        it compiles training. Default: nothing to compile."""
+
     def readout(self, width: int) -> torch.nn.Module | None:
         """A readout every model of this task must use (a fresh module per call), or None for a learned one."""
         return None

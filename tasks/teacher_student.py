@@ -109,6 +109,7 @@ class TeacherStudent(Task):
         self.temperature, self.dim, self.n_eval, self.head, self.objective = temperature, dim, eval_batches, head, objective
         teacher_head = "none" if objective == "mse" else head
         self.teacher = make_teacher(teacher, teacher_depth, dim, vocab, teacher_seed, teacher_head).to(self.device)
+        self._teacher = self.teacher  # what draws run: compiled when the engine compiles (compile_draw)
         self.teacher_key = (teacher, teacher_depth, dim, vocab, teacher_seed, teacher_head)
         self.eval_seed = teacher_seed + EVAL_STREAM
         self.input = InputSpec("vector", size=dim, out_dim=dim if objective == "mse" else vocab)
@@ -131,8 +132,15 @@ class TeacherStudent(Task):
 
     @torch.no_grad()
     def draw(self, batch_size, generator):  # inputs and the teacher's logits
-        x = torch.randn(batch_size, self.dim, generator=generator, device=self.device)
-        return x, self.teacher(x).squeeze(1).float()
+        return self.draw_many(batch_size, generator, 1)[0]
+
+    @torch.no_grad()
+    def draw_many(self, batch_size, generator, n):  # one teacher forward for n steps' inputs, drawn in order
+        xs = [torch.randn(batch_size, self.dim, generator=generator, device=self.device) for _ in range(n)]
+        return list(zip(xs, self._teacher(torch.cat(xs)).squeeze(1).float().split(batch_size)))
+
+    def compile_draw(self):
+        self._teacher = torch.compile(self.teacher)
 
     def targets(self, x, teacher_out):  # teacher log-probabilities at temperature T (B, vocab); mse: rmsnorm(h_L)
         return teacher_out if self.objective == "mse" else F.log_softmax(teacher_out / self.temperature, dim=-1)

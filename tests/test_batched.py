@@ -2,7 +2,9 @@
 
 Tolerance: on a CPU the two paths agree to float32 rounding, stated here as 1e-5 relative on every
 logged training loss and on the held-out loss (in practice they agree bitwise: vmap runs the same
-kernels). On CUDA the grouped matmuls may sum in another order, so the GPU test allows 2e-3.
+kernels). Compiled (``--compile on``), the fused kernels sum in another order and the teacher runs on
+several steps' inputs at once: 1e-4 over these 60 steps (measured: within 2e-6). On CUDA the grouped
+matmuls may sum in another order, so the GPU test allows 2e-3.
 """
 
 import json
@@ -18,6 +20,7 @@ from archbench.config import EvalSpec
 from archbench.sweep import run_eval
 
 RTOL = 1e-5
+COMPILED_RTOL = 1e-4
 
 
 def _losses(result):
@@ -65,6 +68,33 @@ def test_batched_training_gives_the_plain_loops_losses(tmp_path, sets):
     assert all(r["engine"] == {"name": "plain"} for r in rp.values())
     fits = [res["metrics"]["alpha-ell"].get("points", [res["metrics"]["alpha-ell"]]) for res in (fast, plain)]
     assert [f["value"] for f in fits[0]] == pytest.approx([f["value"] for f in fits[1]], rel=1e-4)
+
+
+def test_compiled_training_gives_the_plain_loops_losses_across_checkpoints(tmp_path):
+    # the teacher's forward on 16 steps' inputs at once, in chunks that stop at each checkpoint (24, 48)
+    sets = {"task": {"temperature": "1,0.25", "head": "teacher"},
+            "train": {"steps": "60", "checkpoint_every": "24", "eval_every": "20"}}
+    common = dict(block="residual-mlp", task="teacher-student", preset="smoke", depths=[2, 4], seeds=1, sets=sets,
+                  evaluators=["alpha-ell"], device="cpu", plots=False)
+    run_eval(EvalSpec(**common, engine="batched", compile="on", runs_dir=str(tmp_path / "fast")))
+    run_eval(EvalSpec(**common, engine="plain", runs_dir=str(tmp_path / "plain")))
+    rf = _records(tmp_path / "fast")
+    _same(rf, _records(tmp_path / "plain"), rtol=COMPILED_RTOL)
+    assert all(r["engine"] == {"name": "batched", "runs": 4, "wall_s": r["engine"]["wall_s"], "compiled": True}
+               for r in rf.values())
+
+
+def test_teacher_student_draws_many_steps_as_one_by_one():
+    from archbench.registry import TASKS
+    from archbench.sweep import make_task
+
+    task = make_task(TASKS.get("teacher-student"), {"teacher_depth": 8, "teacher": "tied"}, torch.device("cpu"))
+    ga, gb = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
+    many, one = task.draw_many(64, ga, 5), [task.draw(64, gb) for _ in range(5)]
+    assert len(many) == 5 and torch.equal(ga.get_state(), gb.get_state())
+    for (xa, la), (xb, lb) in zip(many, one):
+        assert torch.equal(xa, xb)
+        torch.testing.assert_close(la, lb, rtol=1e-6, atol=1e-6)
 
 
 def test_sequence_task_with_attention_batches_exactly(tmp_path):

@@ -102,11 +102,12 @@ def test_garbage_weights_are_set_aside_and_the_record_kept(main, tmp_path):
 
 # ----------------------------------------------------------------------------- interrupted batches
 
-def test_a_batch_stopped_while_saving_resumes_the_rest_from_their_checkpoints(main, tmp_path, monkeypatch):
+@pytest.mark.parametrize("compile", ["off", "on"])
+def test_a_batch_stopped_while_saving_resumes_the_rest_from_their_checkpoints(main, tmp_path, monkeypatch, compile):
     import archbench.batched
     import archbench.sweep
 
-    args = ["--set", "train.steps=60", "--set", "train.checkpoint_every=20", "--depths", "1,2,3"]
+    args = ["--set", "train.steps=60", "--set", "train.checkpoint_every=20", "--depths", "1,2,3", "--compile", compile]
     assert main(*_args(tmp_path / "whole", *args)).returncode == 0
 
     saved, save = [], archbench.sweep.Sweep.save
@@ -136,7 +137,7 @@ def test_a_batch_stopped_while_saving_resumes_the_rest_from_their_checkpoints(ma
     assert not list((runs / "records").glob("*.ckpt.pt")) and not list((runs / "records").glob("*.lock"))
     whole, resumed = _result(tmp_path / "whole"), _result(runs)
     for key in whole:
-        assert resumed[key]["final_loss"] == pytest.approx(whole[key]["final_loss"], rel=1e-5)
+        assert resumed[key]["final_loss"] == pytest.approx(whole[key]["final_loss"], rel=1e-5 if compile == "off" else 1e-4)
 
 
 # ---------------------------------------------------------------------------------- concurrent commands

@@ -36,6 +36,9 @@ def add_arguments(p):
     p.add_argument("--engine", choices=["auto", "batched", "plain"], default="auto",
                    help="auto: train the sweep's runs together where that is exact (same losses as one by one), "
                         "else one by one; batched: insist; plain: the reference loop, one run after another")
+    p.add_argument("--compile", choices=["auto", "on", "off"], default="auto",
+                   help="batched engine: torch.compile the training step (fused kernels; seconds to compile per "
+                        "model shape); auto: for runs of 2000 steps or more")
     p.add_argument("--runs-dir", default="runs", help="where run records and results go (default: ./runs)")
     p.add_argument("--out", default=None, help="result JSON path (plots are written beside it)")
 
@@ -51,7 +54,8 @@ def run(args) -> int:
                     recurrence=int_list(args.recurrence, "--recurrence") if args.recurrence else None,
                     sets=parse_sets(args.sets),
                     evaluators=[e for e in args.evaluators.split(",") if e] if args.evaluators else None,
-                    device=args.device, runs_dir=args.runs_dir, out=args.out, engine=args.engine)
+                    device=args.device, runs_dir=args.runs_dir, out=args.out, engine=args.engine,
+                    compile=args.compile)
     err = Console(stderr=True, highlight=False)
     result = run_eval(spec, console=err)
 
