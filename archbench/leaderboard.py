@@ -43,6 +43,8 @@ COLUMNS = {
     "vs_baseline": "α_ℓ minus the baseline row's (the task's baseline block at default knobs), with the bootstrap 95 % "
                    "interval of the difference over replicates (paired where both ran the same ones) and the verdict "
                    "of `archbench compare`",
+    "loss_vs_baseline": "held-out loss at the deepest depth both rows trained, relative to the baseline row's "
+                        "(-10 % = 10 % lower), with the bootstrap 95 % interval and verdict of `archbench compare`",
     "alpha": "α_ℓ: slope of log held-out loss against log effective depth (1 = ensemble averaging)",
     "alpha_ci95": "bootstrap 95 % interval of α_ℓ (none when the runs leave no freedom to resample)",
     "loss": "held-out loss at the largest depth (mean over seeds); where every run at that depth failed, at the "
@@ -197,8 +199,13 @@ def against_baseline(table: dict, sides: dict) -> None:
             c = compare_sides(sides[sid], sides[base], n_boot=1000)
         except (UsageError, ValueError):  # no shared depth, or a fit that cannot be made
             continue
+        loss = c["loss"]
         row["vs_baseline"] = {"baseline": base, "alpha_diff": c["alpha"]["diff"], "ci95": c["alpha"]["ci95"],
-                              "paired": c["replicates"]["paired"], "verdict": c["alpha"]["verdict"]}
+                              "paired": c["replicates"]["paired"], "verdict": c["alpha"]["verdict"],
+                              "loss_depth": loss["depth"], "loss_relative": loss["relative"],
+                              # the interval of the difference, relative to the baseline's mean loss
+                              "loss_ci95": [x / loss["b"] for x in loss["ci95"]] if loss["ci95"] else None,
+                              "loss_verdict": loss["verdict"]}
 
 
 def sweep_row(sid, runs: list[RunRecord], task, block, solvable: bool, studies: dict, where: dict) -> dict:
@@ -317,7 +324,8 @@ def write_tables(tables: dict[str, dict], out: Path, command: str) -> list[Path]
 
 
 _CSV = ["id", "block", "config", "params", "depths", "seeds", "replicates", "alpha", "alpha_lo", "alpha_hi",
-        "alpha_vs_baseline", "alpha_vs_baseline_lo", "alpha_vs_baseline_hi", "vs_baseline_verdict", "loss",
+        "alpha_vs_baseline", "alpha_vs_baseline_lo", "alpha_vs_baseline_hi", "vs_baseline_verdict",
+        "loss_vs_baseline", "loss_vs_baseline_lo", "loss_vs_baseline_hi", "loss_vs_baseline_verdict", "loss",
         "loss_depth", "depth_to_solve", "phi_mid", "skip_effect_mean", "skip_centre", "regime", "failed_runs", "train_s", "device",
         "version", "source", "records"]
 
@@ -330,9 +338,12 @@ def to_csv(rows: list[dict]) -> str:
         ci = r.get("alpha_ci95") or [None, None]
         vs = r.get("vs_baseline") or {}
         vs_ci = vs.get("ci95") or [None, None]
+        loss_ci = vs.get("loss_ci95") or [None, None]
         w.writerow({**{k: r.get(k) for k in _CSV if k in r}, "alpha_lo": ci[0], "alpha_hi": ci[1],
                     "alpha_vs_baseline": vs.get("alpha_diff"), "alpha_vs_baseline_lo": vs_ci[0],
                     "alpha_vs_baseline_hi": vs_ci[1], "vs_baseline_verdict": vs.get("verdict"),
+                    "loss_vs_baseline": vs.get("loss_relative"), "loss_vs_baseline_lo": loss_ci[0],
+                    "loss_vs_baseline_hi": loss_ci[1], "loss_vs_baseline_verdict": vs.get("loss_verdict"),
                     "config": " ".join(f"{k}={v}" for k, v in r["config"].items()),
                     "depths": ";".join(map(str, r["depths"])), "device": ";".join(r["device"]),
                     "version": ";".join(r["version"]), "records": ";".join(r["records"])})
@@ -345,19 +356,24 @@ def _f(x, digits=3) -> str:
     return f"{x:.{digits}g}" if isinstance(x, float) else str(x)
 
 
+def _row_verdict(verdict: str) -> str:  # compare's A and B are the row and the table's baseline row
+    return verdict.replace("A is", "the row is").replace("B is", "the baseline is")
+
+
 def to_markdown(doc: dict, solvable: bool) -> str:
     rows = doc["rows"]
     train = ", ".join(f"{k}={v}" for k, v in doc["train"].items())
     task = ", ".join(f"{k}={v}" for k, v in doc["task_cfg"].items())
-    seeds = sorted({r["seeds"] for r in rows})
+    replicates = sorted({r["replicates"] for r in rows})
     lines = [f"# {doc['table']}", "",
              f"Built by `{doc['built_by']}` on {doc['built'][:10]} from the run records of {len(rows)} sweeps "
              f"({sum(len(r['records']) for r in rows)} runs); generated, do not edit by hand.", "",
              f"- task: **{doc['task']}** ({task})",
              f"- preset: **{doc['preset'] or 'custom'}**; training: {train}",
-             f"- seeds per depth: {', '.join(map(str, seeds))}; every row's runs, config, versions and device are in "
+             f"- replicates per depth (student seeds × teachers): {', '.join(map(str, replicates))}; every row's runs, config, versions and device are in "
              f"`{doc['table']}.json` (row id → `records`, each a run record under the runs directory)", ""]
-    cols = ["block", "config", "params", "depths", "α_ℓ [95 % CI]", "Δα_ℓ vs baseline [95 % CI]", "loss"] + \
+    cols = ["block", "config", "params", "depths", "α_ℓ [95 % CI]", "Δα_ℓ vs baseline [95 % CI]", "loss",
+                                                                                   "Δloss vs baseline [95 % CI]"] + \
            ["depth to solve"] * solvable + \
            ["φ_mid", "skip effect (mean)", "skip centre", "regime", "train s", "device", "version", "source", "id"]
     lines += ["| " + " | ".join(cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
@@ -366,11 +382,17 @@ def to_markdown(doc: dict, solvable: bool) -> str:
         alpha = _f(r["alpha"]) + (f" [{_f(ci[0])}, {_f(ci[1])}]" if ci else "")
         vs = r.get("vs_baseline")
         versus = "–" if not vs else f"{vs['alpha_diff']:+.3g}" + (
-            f" [{vs['ci95'][0]:+.3g}, {vs['ci95'][1]:+.3g}]: {vs['verdict']}" if vs["ci95"] else ": no interval")
+            f" [{vs['ci95'][0]:+.3g}, {vs['ci95'][1]:+.3g}]: {_row_verdict(vs['verdict'])}" if vs["ci95"]
+            else ": no interval")
+        loss_ci = (vs or {}).get("loss_ci95")
+        loss_versus = "–" if not vs or "loss_relative" not in vs else f"{vs['loss_relative']:+.1%}" + (
+            f" [{loss_ci[0]:+.1%}, {loss_ci[1]:+.1%}]: {_row_verdict(vs['loss_verdict'])}" if loss_ci
+            else ": no interval")
         cells = [r["block"], " ".join(f"{k}={_f(v)}" for k, v in r["config"].items()) or "defaults",
                  f"{r['params']:,}" if r["params"] else "–", ",".join(map(str, r["depths"])), alpha, versus,
                  _f(r["loss"], 4) + (f" (depth {r['loss_depth']}: deeper runs failed)"
-                                     if r.get("loss_depth") not in (None, max(r["depths"])) else "")]
+                                     if r.get("loss_depth") not in (None, max(r["depths"])) else ""),
+                 loss_versus]
         if solvable:
             cells.append(_f(r.get("depth_to_solve")) if r.get("depth_to_solve") is not None else "not solved")
         cells += [_f(r["phi_mid"]), _f(r["skip_effect_mean"]), _f(r["skip_centre"]), r["regime"] or "–",

@@ -7,7 +7,7 @@ import shutil
 
 import pytest
 
-from archbench.config import EvalSpec
+from archbench.config import EvalSpec, resolve_config
 from archbench.sweep import run_eval
 
 
@@ -55,6 +55,8 @@ def test_tables_match_the_evaluators_and_trace_to_records(main, swept, tmp_path)
     vs = rows["rezero"]["vs_baseline"]
     assert vs["alpha_diff"] == pytest.approx(rows["rezero"]["alpha"] - rows["residual-mlp"]["alpha"])
     assert vs["ci95"] is None and vs["verdict"] == "no interval" and vs["paired"]
+    assert vs["loss_relative"] == pytest.approx(rows["rezero"]["loss"] / rows["residual-mlp"]["loss"] - 1)
+    assert vs["loss_depth"] == 12 and vs["loss_ci95"] is None and vs["loss_verdict"] == "no interval"
     # sorted by alpha; the Markdown says how it was made and what the columns mean
     assert [r["alpha"] for r in doc["rows"]] == sorted((r["alpha"] for r in doc["rows"]), reverse=True)
     text = md.read_text()
@@ -198,22 +200,15 @@ def test_publish_scales_depths_a_block_cannot_have():
     assert two.depths == [4, 8, 16]
 
 
-def test_publish_promotes_the_front_the_baseline_and_the_steepest_distinct_configs(tmp_path):
-    import optuna
-    from optuna.distributions import CategoricalDistribution
+def test_every_published_table_can_be_built_for_every_block():
+    """publish.py's sweeps resolve for every registered block (none stops a multi-hour rebuild half-way),
+    each with at least 3 replicates per depth, so that every row has an interval."""
+    from archbench.registry import BLOCKS
 
-    from archbench.search import trial_row
-
-    url = f"sqlite:///{tmp_path / 's.db'}"
-    study = optuna.create_study(study_name="s", storage=url, directions=["maximize", "minimize"])
-    block = {"block": CategoricalDistribution(["residual", "rezero"])}
-    # (alpha, loss, block, width): trial 0 is the baseline; 3 repeats 2's configuration
-    for alpha, loss, name, width in [(0.6, 1.0, "residual", 32), (0.5, 2.0, "rezero", 32), (0.4, 2.0, "rezero", 36),
-                                     (0.4, 2.0, "rezero", 36), (0.3, 2.0, "residual", 40), (0.2, 2.0, "residual", 44)]:
-        study.add_trial(optuna.trial.create_trial(
-            params={"block": name}, distributions=block, values=[alpha, loss],
-            user_attrs={"eval": {"block": name, "sets": {"model": {"width": width}}}}))
-    rows = {n: trial_row(study.trials[n], ["alpha", "loss"]) for n in range(6)}
-    result = {"best": [rows[0]], "baseline": rows[0], "objectives": ["alpha", "loss"]}
-    promoted = _publish_module().promoted(result, "s", url, steepest=3)
-    assert [r["number"] for r in promoted] == [0, 1, 2, 4]
+    publish = _publish_module()
+    for label, fields in publish.TABLES.items():
+        for entry in BLOCKS.entries():
+            spec = publish.buildable(EvalSpec(block=entry.name, **fields))
+            cfg = resolve_config(spec)
+            assert cfg.seeds * (cfg.teachers or 1) >= 3, (label, entry.name)
+            assert len(cfg.depths) >= 3 and cfg.depths == sorted(cfg.depths), (label, entry.name)
