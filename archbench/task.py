@@ -157,6 +157,10 @@ class SequenceTask(Task):
     def sample(self, n: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         raise NotImplementedError
 
+    def heldout_sample(self, n: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """The held-out problems (default: ``sample``'s; a task whose held-out set is stratified overrides it)."""
+        return self.sample(n, generator)
+
     def problem_count(self) -> int | None:
         """The number of distinct problems, where it is small enough to matter (None: vast)."""
         return None
@@ -168,7 +172,7 @@ class SequenceTask(Task):
                              f"problems, so a held-out set that large leaves too few to train on; "
                              f"use eval_size <= {count // 4} or a larger problem space")
         g = torch.Generator(device=self.device).manual_seed(seed + EVAL_STREAM)
-        self.heldout = self.sample(eval_size, g)
+        self.heldout = self.heldout_sample(eval_size, g)
         self._heldout_fp = torch.unique(fingerprint(self.heldout[0]))
 
     def batch(self, batch_size, generator):

@@ -31,7 +31,7 @@ TRAIN = {"lr": 1e-3, "schedule": "cosine", "warmup_frac": 0.05, "grad_clip": 1.0
 
 
 @archbench.register_task("k-hop", family="compositional",
-                         citation="pointer chasing / induction heads, e.g. Sanford et al. 2024 (arXiv 2402.09963)")
+                         citation="pointer chasing / induction heads, e.g. Sanford et al. 2024 (arXiv 2402.09268)")
 class KHop(SequenceTask):
     """Follow a query through k in-context (key -> value) pairs; k = 1 is the single-lookup control."""
 

@@ -18,6 +18,7 @@ SMALL = {
     "variable-binding": {"hops": 3, "distractors": 2, "names": 12, "eval_size": 128},
     "modular-chain": {"n": 3, "p": 11, "eval_size": 128},
     "cfg-language": {"nesting": 3, "seq_len": 24, "eval_size": 128},
+    "hop-induction": {"seq_len": 16, "max_hops": 3, "eval_per_k": 32},  # 4 hop counts x 32 = 128 held out
 }
 
 
@@ -76,6 +77,61 @@ def test_small_problem_space_redraws_heldout_problems_and_refuses_too_large_held
     assert not seen & held and len(seen) + len(held) > 100  # the rest of the space is still drawn
     with pytest.raises(UsageError, match="only 121 distinct problems"):
         TASKS.get("modular-chain").obj(device="cpu", n=2, p=11, eval_size=100)
+
+
+# --- hop-induction ---------------------------------------------------------------------------
+
+def hop_reference(string, k):
+    """Sanford et al.'s hop_k at every position, by the definition: follow "the character after the previous
+    occurrence of the current one" k times; None where a step finds no earlier occurrence."""
+    out = []
+    for i in range(len(string)):
+        pos = i
+        for _ in range(k):
+            earlier = [j for j in range(pos) if string[j] == string[pos]]
+            if not earlier:
+                pos = None
+                break
+            pos = earlier[-1] + 1
+        out.append(None if pos is None else string[pos])
+    return out
+
+
+def test_hop_induction_hand_worked_string():
+    from archbench.tasks.hop_induction import hop_targets
+
+    s = [0, 1, 0, 2, 1, 0, 1, 2]  # 3 characters; 3 is "does not exist"
+    hop = lambda k: hop_targets(torch.tensor([s]), torch.tensor([k]), 3, 3)[0].tolist()  # noqa: E731
+    assert hop(0) == s
+    assert hop(1) == [3, 3, 1, 3, 0, 2, 0, 1]  # e.g. position 6 (a 1): the previous 1 is at 4, then 0 follows
+    assert hop(2) == [3, 3, 3, 3, 1, 3, 2, 0]
+    assert hop(3) == [3, 3, 3, 3, 3, 3, 3, 1]
+
+
+def test_hop_induction_labels_match_the_definition_and_the_held_out_set_has_every_k():
+    task = make("hop-induction", seq_len=40, max_hops=6, eval_per_k=8)
+    x, y = task.batch(200, torch.Generator().manual_seed(0))
+    assert (y[:, 0] == IGNORE).all()
+    ks = x[:, 0] - task.HOP
+    assert set(ks.tolist()) == set(range(7))  # k uniform over 0..max_hops
+    for row, labels, k in zip(x[:, 1:].tolist(), y[:, 1:].tolist(), ks.tolist()):
+        assert all(a != b for a, b in zip(row, row[1:]))  # no character twice in a row
+        assert labels == [task.chars if h is None else h for h in hop_reference(row, k)]
+    assert (task.heldout[0][:, 0] - task.HOP).tolist() == task.eval_k.tolist() == sorted(list(range(7)) * 8)
+
+
+def test_hop_induction_scores_each_k_on_the_held_out_set():
+    """A model that answers every position with its own character is right at k = 0 only."""
+    task = make("hop-induction", seq_len=30, max_hops=4, eval_per_k=16)
+
+    class Copy(torch.nn.Module):
+        def forward(self, x):  # logits: the current character (the hop-count token gets "does not exist")
+            return torch.nn.functional.one_hot(x.clamp(max=task.chars), task.input.out_dim).float() * 10
+
+    out = task.evaluate(Copy(), 20)
+    assert out["error_k0"] == 0.0 and all(out[f"error_k{k}"] > 0.3 for k in range(1, 5))
+    wrong = sum(out[f"error_k{k}"] for k in range(5)) / 5  # every k has the same number of positions
+    assert out["accuracy"] == pytest.approx(1 - wrong)
 
 
 # --- k-hop -----------------------------------------------------------------------------------

@@ -42,8 +42,8 @@ def test_seed_fraction_and_non_monotone_depths(run):
         "depth_to_solve"] == 2
 
 
-@pytest.mark.parametrize("task", ["k-hop", "word-problem", "variable-binding", "modular-chain", "cfg-language",
-                                  "lm-word"])
+@pytest.mark.parametrize("task", ["k-hop", "hop-induction", "word-problem", "variable-binding", "modular-chain",
+                                  "cfg-language", "lm-word"])
 def test_every_new_task_runs_the_smoke_preset_with_residual(task, tmp_path):
     res = run_eval(EvalSpec(block="residual", task=task, preset="smoke", runs_dir=str(tmp_path)))
     assert res["runs"] and all(r["status"] == "ok" for r in res["runs"])

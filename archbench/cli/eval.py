@@ -93,7 +93,7 @@ def runs_table(result):
 
 
 def summary_lines(result) -> list[str]:
-    """One line per sweep-evaluator result: alpha_ell (per grid point) and depth-to-solve."""
+    """One line per sweep-evaluator result: alpha_ell (per grid point), depth-to-solve, error by k."""
     lines = []
     metrics = result["metrics"]
     if "alpha-ell" in metrics:
@@ -124,4 +124,11 @@ def summary_lines(result) -> list[str]:
             lines.append(f"depth to solve ({row['label']}): {got}")
         if "layers_per_step" in metrics["depth-to-solve"]:
             lines.append(f"layers per step of difficulty: {metrics['depth-to-solve']['layers_per_step']:.2f}")
+    for e in metrics.get("error-by-k", {}).get("points", [metrics.get("error-by-k")]):
+        for row in (e or {}).get("per_depth", []):
+            where = f" ({point_label(e['vary'])})" if e.get("vary") else ""
+            solved = row["largest_k_solved"]
+            lines.append(f"error by k{where}, depth {row['depth']}: " + " ".join(
+                f"k{k} {err:.3f}" for k, err in zip(e["k"], row["error"])) + "; solves k <= "
+                + (str(solved) if solved is not None else "none") + f" (error <= {e['solved_at']:g})")
     return lines
