@@ -61,19 +61,31 @@ class DepthToSolve(Evaluator):
                                             if first is not None and p["depth"] > first and p["depth"] not in solved],
                          "per_depth": per_depth})
         out = {"min_fraction": self.min_fraction, "difficulties": rows}
-        knobs = {k for row in rows for k in row["vary"]}
+        knobs = sorted({k for row in rows for k in row["vary"]})
+        numeric = [k for k in knobs if all(isinstance(row["vary"].get(k), (int, float)) for row in rows)]
         if len(knobs) == 1:
-            (knob,) = knobs
-            pts = [(row["vary"][knob], row["depth_to_solve"]) for row in rows if row["depth_to_solve"] is not None]
-            out["difficulty_knob"] = knob
-            if len(pts) >= 2 and all(isinstance(x, (int, float)) for x, _ in pts) and len({x for x, _ in pts}) > 1:
-                out["layers_per_step"] = float(np.polyfit(*np.array(pts, float).T, 1)[0])
+            out["difficulty_knob"] = knob = knobs[0]
+            slope = _slope([(row["vary"][knob], row["depth_to_solve"]) for row in rows])
+            if slope is not None:
+                out["layers_per_step"] = slope
+        elif len(knobs) == 2 and len(numeric) >= 1:
+            # e.g. task.seq_len against task.group: depth to solve against the numeric knob, one series per value
+            # of the other (the first numeric knob is the difficulty when both are)
+            knob = numeric[0]
+            series = next(k for k in knobs if k != knob)
+            out["difficulty_knob"], out["series_knob"] = knob, series
+            out["layers_per_step_by_series"] = {
+                str(v): _slope([(row["vary"][knob], row["depth_to_solve"]) for row in rows
+                                if row["vary"][series] == v])
+                for v in dict.fromkeys(row["vary"][series] for row in rows)}
         return out
 
     def plot(self, result, runs, path: Path) -> bool:
         rows = result["difficulties"]
         if not rows:
             return False
+        if result.get("series_knob"):
+            return self._plot_series(result, path)
         knob = result.get("difficulty_knob")
         numeric = knob is not None and all(isinstance(r["vary"][knob], (int, float)) for r in rows)
         xs = [r["vary"][knob] if numeric else i for i, r in enumerate(rows)]
@@ -93,3 +105,28 @@ class DepthToSolve(Evaluator):
                 ax.set_xticks(xs, [r["label"] for r in rows], rotation=20)
             ax.set_ylim(0, top * 1.3)
         return True
+
+    def _plot_series(self, result, path: Path) -> bool:
+        rows, knob, series = result["difficulties"], result["difficulty_knob"], result["series_knob"]
+        top = max(r["max_depth_tried"] for r in rows)
+        with figure(path, knob.split(".", 1)[1], "effective depth to solve") as ax:
+            for i, value in enumerate(dict.fromkeys(r["vary"][series] for r in rows)):
+                at = sorted((r["vary"][knob], r["depth_to_solve"]) for r in rows if r["vary"][series] == value)
+                name = f"{series.split('.', 1)[1]}={value}"
+                solved = [(x, d) for x, d in at if d is not None]
+                if solved:
+                    ax.plot(*zip(*solved), "o-", color=f"C{i}", label=name)
+                unsolved = [x for x, d in at if d is None]
+                if unsolved:
+                    ax.plot(unsolved, [top * (1.1 + 0.05 * i)] * len(unsolved), "^", color=f"C{i}",
+                            label=f"{name}: not solved by depth {top}")
+            ax.set_ylim(0, top * 1.4)
+        return True
+
+
+def _slope(points) -> float | None:
+    """Least-squares layers per step of difficulty over the solved points (None: fewer than two)."""
+    pts = [(x, d) for x, d in points if d is not None and isinstance(x, (int, float))]
+    if len(pts) < 2 or len({x for x, _ in pts}) < 2:
+        return None
+    return float(np.polyfit(*np.array(pts, float).T, 1)[0])

@@ -31,6 +31,21 @@ def test_smallest_solving_depth_per_difficulty_and_layers_per_step(run):
     assert out["difficulties"][3]["max_depth_tried"] == 8
 
 
+def test_two_knobs_give_depth_against_the_numeric_one_per_value_of_the_other(run, tmp_path):
+    """Merrill et al.'s figure: depth to solve against length, one line per group."""
+    ev = EVALUATORS.get("depth-to-solve").obj()
+    need = {("A5", 4): 2, ("A5", 8): 4, ("A5", 16): None, ("A4xZ5", 4): 1, ("A4xZ5", 8): 2, ("A4xZ5", 16): 2}
+    runs = [run({"task.group": g, "task.seq_len": n}, d, first is not None and d >= first)
+            for (g, n), first in need.items() for d in (1, 2, 4, 8)]
+    out = ev.evaluate_sweep(runs, None)
+    assert out["difficulty_knob"] == "task.seq_len" and out["series_knob"] == "task.group"
+    assert [r["depth_to_solve"] for r in out["difficulties"]] == list(need.values())
+    assert out["layers_per_step_by_series"]["A5"] == pytest.approx(0.5)  # (4, 2) and (8, 4)
+    assert out["layers_per_step_by_series"]["A4xZ5"] == pytest.approx(1 / 14)  # least squares through (4, 1), (8, 2), (16, 2)
+    assert "layers_per_step" not in out
+    assert ev.plot(out, runs, tmp_path / "d.png") and (tmp_path / "d.png").stat().st_size > 1000
+
+
 def test_seed_fraction_and_non_monotone_depths(run):
     ev = EVALUATORS.get("depth-to-solve").obj(min_fraction=1.0)
     runs = [run({}, 2, True, 0), run({}, 2, False, 1), run({}, 4, True, 0), run({}, 4, True, 1),
