@@ -116,9 +116,12 @@ def table_identity(task_name: str, task_cfg: dict, train: dict) -> tuple[str, st
     presets = {name: (resolve(TrainConfig, "train", p.get("train", {})),
                       task_settings(task, resolve(task, "task", p.get("task", {}))))
                for name, p in task.presets.items()}
-    # the preset whose training budget this is; else the one whose task settings these are
+    # the preset whose training budget this is; else the one whose task settings these are; else the one
+    # that differs in the fewest task and training settings (exp-9-3 at a cut budget on the other teacher)
     preset_name = next((n for n, (tr, _) in presets.items() if tr == train), None)
     near = preset_name or next((n for n, (_, tc) in presets.items() if tc == task_cfg), None)
+    if near is None and presets:
+        near = min(presets, key=lambda n: len(_diff(task_cfg, presets[n][1])) + len(_diff(train, presets[n][0])))
     diff = _diff(task_cfg, presets[near][1] if near else task_settings(task, resolve(task, "task", {})))
     name = task_name + "".join(f"__{k}-{v}" for k, v in diff.items())
     if near:

@@ -212,3 +212,17 @@ def test_every_published_table_can_be_built_for_every_block():
             cfg = resolve_config(spec)
             assert cfg.seeds * (cfg.teachers or 1) >= 3, (label, entry.name)
             assert len(cfg.depths) >= 3 and cfg.depths == sorted(cfg.depths), (label, entry.name)
+
+
+def test_a_table_off_every_preset_is_named_after_the_nearest_one():
+    """exp-9-3 on the independent teacher at a cut budget matches no preset's task settings or budget: its
+    table is named after paper-long (one task knob and one training setting away), not after the defaults."""
+    from archbench.leaderboard import table_identity, task_settings
+    from archbench.registry import TASKS
+
+    cfg = resolve_config(EvalSpec(preset="paper-long", sets={"task": {"teacher": "independent"},
+                                                             "train": {"steps": "1000"}}))
+    task_cfg = task_settings(TASKS.get("teacher-student").obj, cfg.task)
+    name, preset, diff = table_identity("teacher-student", task_cfg, cfg.train)
+    assert name.startswith("teacher-student__teacher-independent__paper-long__train-")
+    assert preset is None and diff == {"teacher": "independent"}
