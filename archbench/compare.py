@@ -1,4 +1,6 @@
 """``archbench compare A B``: is sweep A's α_ℓ steeper than B's, and its loss lower, beyond the noise?
+With ``--metric M``: is A's held-out M (``loss``, ``error_k4``, ``accuracy``, ...) at one depth
+different from B's at one depth (a looped model against a flat one of the same parameters or depth)?
 
 Both differences get a bootstrap interval over replicates (a replicate is one student seed on one
 teacher: its runs at every depth move together, as in the alpha-ell evaluator). When A and B ran
@@ -16,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from archbench.errors import UsageError
+from archbench.errors import UsageError, unknown
 from archbench.evaluator import point_label
 from archbench.evaluators.alpha_ell import fit_power_law, replicate_groups
 
@@ -148,4 +150,59 @@ def _differences(ra: dict, rb: dict) -> list[str]:
     for section in sections:
         a, b = ca.get(section, {}), cb.get(section, {})
         out += [f"{section}.{k}: {a.get(k)} vs {b.get(k)}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+    return out
+
+
+def compare_metric(path_a: str | Path, path_b: str | Path, metric: str, depths: tuple[int, int] | None = None,
+                   n_boot: int = 2000, seed: int = 0) -> dict:
+    """Held-out ``metric`` of A at ``depths[0]`` minus B's at ``depths[1]`` (default: the deepest depth both
+    trained), means over replicates, with a bootstrap 95 % interval (paired where both ran the same ones)."""
+    ra, rb = load_result(path_a), load_result(path_b)
+    va, vb = _metric_at(ra, metric, "A", path_a), _metric_at(rb, metric, "B", path_b)
+    if depths is None:
+        common = sorted(set(va) & set(vb))
+        if not common:
+            raise UsageError(f"A ({', '.join(map(str, sorted(va)))}) and B ({', '.join(map(str, sorted(vb)))}) share "
+                             f"no depth: name the two to compare with --depths A_DEPTH,B_DEPTH")
+        depths = (common[-1], common[-1])
+    for side, d, vals in (("A", depths[0], va), ("B", depths[1], vb)):
+        if d not in vals:
+            raise UsageError(f"--depths: {side} has no finished run at depth {d} (it has {', '.join(map(str, sorted(vals)))})")
+    a, b = va[depths[0]], vb[depths[1]]
+    paired = set(a) == set(b)
+    mean_a, mean_b = float(np.mean(list(a.values()))), float(np.mean(list(b.values())))
+    out = {"a": {"path": str(path_a), "block": ra.get("block"), "depth": depths[0], "mean": mean_a,
+                 "replicates": len(a)},
+           "b": {"path": str(path_b), "block": rb.get("block"), "depth": depths[1], "mean": mean_b,
+                 "replicates": len(b)},
+           "metric": metric, "diff": mean_a - mean_b, "paired": paired, "ci95": None, "n_boot": 0}
+    if len(a) < 2 or len(b) < 2:
+        out["note"] = "no interval: a side with one replicate says nothing about the noise (add --seeds or --teachers)"
+    else:
+        rng = np.random.default_rng(seed)
+        keys_a, keys_b = list(a), list(b)
+        xa, xb = np.array([a[k] for k in keys_a]), np.array([b[k] for k in (keys_a if paired else keys_b)])
+        pick_a = rng.integers(0, len(xa), (n_boot, len(xa)))
+        pick_b = pick_a if paired else rng.integers(0, len(xb), (n_boot, len(xb)))
+        diffs = xa[pick_a].mean(1) - xb[pick_b].mean(1)
+        out["ci95"], out["n_boot"] = [float(x) for x in np.percentile(diffs, [2.5, 97.5])], n_boot
+    ci = out["ci95"]
+    out["verdict"] = ("no interval" if ci is None else f"A is higher" if ci[0] > 0 else "A is lower" if ci[1] < 0
+                      else "not distinguishable (the interval covers 0)")
+    return out
+
+
+def _metric_at(result: dict, metric: str, name: str, path) -> dict[int, dict]:
+    """depth -> {replicate: the run's held-out ``metric``} over ``result``'s finished runs (one grid point)."""
+    runs = [r for r in result["runs"] if r["status"] == "ok"]
+    labels = {point_label(r.get("vary", {})) for r in runs}
+    if len(labels) > 1:
+        raise UsageError(f"{path}: a grid of {len(labels)} points ({', '.join(sorted(labels))}); --metric compares "
+                         f"one sweep with one sweep")
+    have = sorted({k for r in runs for k in (r.get("eval") or {})})
+    if not runs or metric not in have:
+        raise unknown(f"held-out metric of {name}", metric, have)
+    out: dict[int, dict] = {}
+    for r in runs:
+        out.setdefault(int(r["depth"]), {})[(r["seed"], r.get("teacher"))] = float(r["eval"][metric])
     return out

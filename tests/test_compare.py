@@ -70,3 +70,38 @@ def test_the_command(main, tmp_path):
                        ([a, b, "--n-boot", "3"], "at least 10")):
         bad = main("compare", *args)
         assert bad.returncode == 2 and says in bad.stderr and bad.stderr.count("\n") == 1, bad.stderr
+
+
+def metric_result(errors_by_depth, block="residual"):
+    """A result whose runs report a held-out error_k2: {depth: [one value per seed]}."""
+    runs = [{"depth": d, "seed": s, "teacher": None, "status": "ok", "final_loss": 1.0, "vary": {},
+             "eval": {"loss": 1.0, "error_k2": e}} for d, errs in errors_by_depth.items() for s, e in enumerate(errs)]
+    return {"block": block, "task": "hop-induction", "config": {}, "runs": runs, "metrics": {}}
+
+
+def test_a_metric_at_two_depths_paired_over_seeds(tmp_path):
+    from archbench.compare import compare_metric
+
+    looped = write(tmp_path, "looped.json", metric_result({4: [0.10, 0.12, 0.08]}, block="looped"))
+    flat = write(tmp_path, "flat.json", metric_result({2: [0.30, 0.34, 0.29], 4: [0.11, 0.10, 0.09]}))
+    c = compare_metric(looped, flat, "error_k2", depths=(4, 2), n_boot=500)
+    assert c["a"]["mean"] == pytest.approx(0.10) and c["b"]["mean"] == pytest.approx(0.31) and c["paired"]
+    assert c["diff"] == pytest.approx(-0.21) and c["ci95"][1] < 0 and c["verdict"] == "A is lower"
+    # the deepest depth both trained by default: 4 against 4, within the seeds' noise
+    same = compare_metric(looped, flat, "error_k2", n_boot=500)
+    assert same["b"]["depth"] == 4 and same["verdict"].startswith("not distinguishable")
+
+
+def test_the_metric_command_and_its_errors(main, tmp_path):
+    looped = write(tmp_path, "looped.json", metric_result({4: [0.10, 0.12, 0.08]}, block="looped"))
+    flat = write(tmp_path, "flat.json", metric_result({2: [0.30, 0.34, 0.29]}))
+    r = main("compare", looped, flat, "--metric", "error_k2", "--depths", "4,2", "--n-boot", "200")
+    assert r.returncode == 0, r.stderr
+    assert "A - B = -0.21" in r.stdout and "paired over 3 replicates" in r.stdout and "A is lower" in r.stdout
+    for args, says in ((["--metric", "error_k3"], "did you mean 'error_k2'"),
+                       (["--metric", "error_k2"], "share no depth"),
+                       (["--metric", "error_k2", "--depths", "4"], "give two depths"),
+                       (["--metric", "error_k2", "--depths", "2,2"], "A has no finished run at depth 2"),
+                       (["--depths", "4,2"], "give --metric too")):
+        bad = main("compare", looped, flat, *args)
+        assert bad.returncode == 2 and says in bad.stderr and bad.stderr.count("\n") == 1, (args, bad.stderr)
