@@ -13,6 +13,8 @@
    - cfg-language (nested brackets) at ``quick``, three student seeds.
    A block that cannot be built at a table's depths gets them times the smallest whole factor it can
    (recurrent-depth and hourglass on cfg-language: 3, 6, 12);
+   Records already committed in ``leaderboards/records/`` are copied into ``--runs-dir`` first, so
+   they count as cached: a rebuild on a fresh machine trains only what is missing;
 2. collect: the run records of the published tasks (JSON, no weights) copied to ``leaderboards/records/``,
    committed beside the tables (and ``studies/``, where a search labels rows, read as it is);
 3. tables: ``archbench leaderboard`` over the committed records alone. ``--only tables`` rebuilds the
@@ -88,6 +90,19 @@ def collect(runs_dir: Path, here: Path, tasks: list[str]) -> int:
     return copied
 
 
+def seed(runs_dir: Path, here: Path) -> int:
+    """Copy the committed records under ``here/records`` that ``runs_dir`` lacks into it, so that a rebuild on
+    a fresh machine (or by another session) trains only what no one has; returns how many were copied."""
+    copied = 0
+    if (here / "records").is_dir():
+        (runs_dir / "records").mkdir(parents=True, exist_ok=True)
+        for path in sorted((here / "records").glob("*.json")):
+            if not (runs_dir / "records" / path.name).exists():
+                shutil.copyfile(path, runs_dir / "records" / path.name)
+                copied += 1
+    return copied
+
+
 def tables(here: Path, tasks: list[str]) -> list[str]:
     """Build every published table from the committed records under ``here/records``, rows labelled with
     the committed studies; returns what to tell the user."""
@@ -128,6 +143,7 @@ def main(argv=None) -> int:
     tasks = sorted({TABLES[label]["task"] for label in labels})
 
     if args.only in (None, "sweeps"):
+        err.print(f"{seed(Path(args.runs_dir), HERE)} committed run records copied into {args.runs_dir} (cached)")
         for label in labels:
             # the table's baseline first: every other row is compared with it
             baseline = TASKS.get(TABLES[label]["task"]).obj.baseline_block

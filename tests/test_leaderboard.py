@@ -169,6 +169,11 @@ def test_published_tables_rebuild_from_the_committed_records_byte_for_byte(swept
     assert len(first) == 3 and all(len(text) > 200 for text in first.values())
     rows = json.loads(next(p for p in here.glob("*.json")).read_text())["rows"]
     assert {row["source"] for row in rows} == {"", "search s #3"} and rows[0]["runs_dirs"] == ["leaderboards"]
+    fresh = tmp_path / "fresh-runs"  # another machine: the committed records seed its cache
+    assert publish.seed(fresh, here) == 6 and publish.seed(fresh, here) == 0
+    res = run_eval(EvalSpec(block="rezero", preset="smoke", sets={"train": {"steps": "40"}},
+                            evaluators=["alpha-ell"], runs_dir=str(fresh)))
+    assert all(r["cached"] for r in res["runs"])
     for table in here.glob("teacher-student*"):  # the tables are gone; the records bring them back
         table.unlink()
     publish.tables(here, ["teacher-student"])
