@@ -176,20 +176,33 @@ def compare_metric(path_a: str | Path, path_b: str | Path, metric: str, depths: 
            "b": {"path": str(path_b), "block": rb.get("block"), "depth": depths[1], "mean": mean_b,
                  "replicates": len(b)},
            "metric": metric, "diff": mean_a - mean_b, "paired": paired, "ci95": None, "n_boot": 0}
-    if len(a) < 2 or len(b) < 2:
+    out["ci95"] = mean_difference_ci(a, b, n_boot, seed)
+    if out["ci95"] is None:
         out["note"] = "no interval: a side with one replicate says nothing about the noise (add --seeds or --teachers)"
     else:
-        rng = np.random.default_rng(seed)
-        keys_a, keys_b = list(a), list(b)
-        xa, xb = np.array([a[k] for k in keys_a]), np.array([b[k] for k in (keys_a if paired else keys_b)])
-        pick_a = rng.integers(0, len(xa), (n_boot, len(xa)))
-        pick_b = pick_a if paired else rng.integers(0, len(xb), (n_boot, len(xb)))
-        diffs = xa[pick_a].mean(1) - xb[pick_b].mean(1)
-        out["ci95"], out["n_boot"] = [float(x) for x in np.percentile(diffs, [2.5, 97.5])], n_boot
-    ci = out["ci95"]
-    out["verdict"] = ("no interval" if ci is None else f"A is higher" if ci[0] > 0 else "A is lower" if ci[1] < 0
-                      else "not distinguishable (the interval covers 0)")
+        out["n_boot"] = n_boot
+    out["verdict"] = level_verdict(out["ci95"])
     return out
+
+
+def mean_difference_ci(a: dict, b: dict, n_boot: int = 2000, seed: int = 0) -> list[float] | None:
+    """Bootstrap 95 % interval of mean(a) − mean(b), where ``a`` and ``b`` map a replicate to its value:
+    paired (one draw of replicates serves both) when both have the same replicates; None with fewer than two."""
+    if len(a) < 2 or len(b) < 2:
+        return None
+    paired = set(a) == set(b)
+    rng = np.random.default_rng(seed)
+    keys_a = list(a)
+    xa, xb = np.array([a[k] for k in keys_a]), np.array([b[k] for k in (keys_a if paired else b)])
+    pick_a = rng.integers(0, len(xa), (n_boot, len(xa)))
+    pick_b = pick_a if paired else rng.integers(0, len(xb), (n_boot, len(xb)))
+    return [float(x) for x in np.percentile(xa[pick_a].mean(1) - xb[pick_b].mean(1), [2.5, 97.5])]
+
+
+def level_verdict(ci: list[float] | None) -> str:
+    if ci is None:
+        return "no interval"
+    return "A is higher" if ci[0] > 0 else "A is lower" if ci[1] < 0 else "not distinguishable (the interval covers 0)"
 
 
 def _metric_at(result: dict, metric: str, name: str, path) -> dict[int, dict]:

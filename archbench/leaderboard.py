@@ -21,8 +21,10 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 import archbench
-from archbench.compare import compare_sides, side_of_records
+from archbench.compare import compare_sides, level_verdict, mean_difference_ci, side_of_records
 from archbench.config import ModelConfig
 from archbench.errors import ArchbenchError, UsageError
 from archbench.evaluators.alpha_ell import AlphaEll
@@ -40,7 +42,8 @@ COLUMNS = {
     "depths": "effective depths trained (prelude + r·core + coda for recurrent blocks)",
     "seeds": "seeds per depth",
     "replicates": "replicates per depth (student seeds × teachers); the α_ℓ interval resamples them",
-    "vs_baseline": "α_ℓ minus the baseline row's (the task's baseline block at default knobs), with the bootstrap 95 % "
+    "vs_baseline": "α_ℓ minus the baseline row's (the task's baseline block, at the fewest non-default settings), "
+                   "with the bootstrap 95 % "
                    "interval of the difference over replicates (paired where both ran the same ones) and the verdict "
                    "of `archbench compare`",
     "loss_vs_baseline": "held-out loss at the deepest depth both rows trained, relative to the baseline row's "
@@ -50,6 +53,10 @@ COLUMNS = {
     "loss": "held-out loss at the largest depth (mean over seeds); where every run at that depth failed, at the "
             "largest depth that finished, which the cell names (`loss_depth` in CSV and JSON)",
     "depth_to_solve": "smallest effective depth whose runs solve the task (tasks with a notion of solved)",
+    "headline": "the task's headline held-out metric at the largest depth, mean over replicates (tasks that have "
+                "one; hop-induction: the error at the hardest k trained)",
+    "headline_vs_baseline": "the headline metric minus the baseline row's at the deepest depth both trained, with "
+                            "the bootstrap 95 % interval of the difference over replicates and its verdict",
     "phi_mid": "mean angle between neighbouring updates over the middle layers of the deepest model (rad; "
                "π/2 = uncorrelated, small = smooth)",
     "skip_effect_mean": "mean relative change of the later layers' updates when one layer is skipped (deepest model)",
@@ -149,6 +156,7 @@ def build_rows(records: list[RunRecord], studies: dict[str, list] | None = None,
     tables: dict[str, dict] = {}
     task_objects: dict[str, Any] = {}
     sides: dict[str, Any] = {}  # sweep id -> its runs as archbench.compare sees them
+    headlines: dict[str, dict] = {}  # sweep id -> depth -> replicate -> the task's headline metric
     for sid, runs in sorted(by_sweep.items()):
         spec = runs[0].spec
         if spec["task"] not in TASKS or spec["block"] not in BLOCKS:
@@ -179,21 +187,36 @@ def build_rows(records: list[RunRecord], studies: dict[str, list] | None = None,
         row = sweep_row(sid, runs, task_objects[tkey], entries["block"], entries["task"].obj.solve_metric is not None,
                         studies or {}, where or {})
         sides[sid] = side_of_records(spec["block"], runs, AlphaEll().floor_for(task_objects[tkey], len(row["depths"])))
+        if row.get("headline_metric"):
+            headlines[sid] = _by_depth(runs, row["headline_metric"])
         table = tables.setdefault(name, {"task": spec["task"], "task_cfg": without_teacher(spec)["task_cfg"],
                                          "task_diff": task_diff, "preset": preset, "train": spec["train"], "rows": {}})
         table["rows"][sid] = row
     for table in tables.values():
-        against_baseline(table, sides)
+        against_baseline(table, sides, headlines)
     return tables
 
 
-def against_baseline(table: dict, sides: dict) -> None:
-    """Each row's α_ℓ minus the baseline row's (the task's ``baseline_block`` at default knobs), with the
-    bootstrap interval of the difference over replicates and a verdict (``archbench compare``'s)."""
+def _by_depth(runs: list[RunRecord], metric: str) -> dict[int, dict]:
+    out: dict[int, dict] = {}
+    for r in runs:
+        if r.ok and r.eval.get(metric) is not None:
+            out.setdefault(r.effective_depth, {})[r.replicate] = float(r.eval[metric])
+    return out
+
+
+def against_baseline(table: dict, sides: dict, headlines: dict | None = None) -> None:
+    """Each row's α_ℓ minus the baseline row's (the task's ``baseline_block``, at its defaults or as few
+    changes as the table has), with the
+    bootstrap interval of the difference over replicates and a verdict (``archbench compare``'s); the same
+    for the task's headline metric at the deepest depth both rows trained, where it has one."""
+    headlines = headlines or {}
     from archbench.registry import TASKS
 
     block = TASKS.get(table["task"]).obj.baseline_block
-    base = next((sid for sid, row in table["rows"].items() if row["block"] == block and not row["config"]), None)
+    # the baseline block at the fewest non-default settings (those its preset suggests, e.g. block.heads)
+    candidates = sorted((len(row["config"]), sid) for sid, row in table["rows"].items() if row["block"] == block)
+    base = candidates[0][1] if candidates else None
     for sid, row in table["rows"].items():
         row["vs_baseline"] = None
         if base is None or sid == base:
@@ -209,6 +232,13 @@ def against_baseline(table: dict, sides: dict) -> None:
                               # the interval of the difference, relative to the baseline's mean loss
                               "loss_ci95": [x / loss["b"] for x in loss["ci95"]] if loss["ci95"] else None,
                               "loss_verdict": loss["verdict"]}
+        common = sorted(set(headlines.get(sid, {})) & set(headlines.get(base, {})))
+        if common:
+            a, b = headlines[sid][common[-1]], headlines[base][common[-1]]
+            ci = mean_difference_ci(a, b, n_boot=1000)
+            row["vs_baseline"].update({"headline_depth": common[-1], "headline_ci95": ci,
+                                       "headline_diff": float(np.mean(list(a.values())) - np.mean(list(b.values()))),
+                                       "headline_verdict": level_verdict(ci)})
 
 
 def sweep_row(sid, runs: list[RunRecord], task, block, solvable: bool, studies: dict, where: dict) -> dict:
@@ -245,6 +275,10 @@ def sweep_row(sid, runs: list[RunRecord], task, block, solvable: bool, studies: 
            "source": _source(spec, studies), "records": [r.key for r in runs],
            "runs_dirs": sorted({where[r.key] for r in runs if r.key in where}),
            "built": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+    metric = task.headline_metric() if task is not None else None
+    if metric:
+        row["headline_metric"] = metric
+        row["headline"] = _mean([r.eval.get(metric) for r in deepest if r.eval.get(metric) is not None])
     if solvable:
         d2s = EVALUATORS.get("depth-to-solve").obj().evaluate_sweep(runs, task)["difficulties"]
         row["depth_to_solve"] = d2s[0]["depth_to_solve"] if d2s else None
@@ -329,6 +363,8 @@ def write_tables(tables: dict[str, dict], out: Path, command: str) -> list[Path]
 _CSV = ["id", "block", "config", "params", "depths", "seeds", "replicates", "alpha", "alpha_lo", "alpha_hi",
         "alpha_vs_baseline", "alpha_vs_baseline_lo", "alpha_vs_baseline_hi", "vs_baseline_verdict",
         "loss_vs_baseline", "loss_vs_baseline_lo", "loss_vs_baseline_hi", "loss_vs_baseline_verdict", "loss",
+        "headline_metric", "headline", "headline_vs_baseline", "headline_vs_baseline_lo", "headline_vs_baseline_hi",
+        "headline_vs_baseline_verdict",
         "loss_depth", "depth_to_solve", "phi_mid", "skip_effect_mean", "skip_centre", "regime", "failed_runs", "train_s", "device",
         "version", "source", "records"]
 
@@ -347,6 +383,10 @@ def to_csv(rows: list[dict]) -> str:
                     "alpha_vs_baseline_hi": vs_ci[1], "vs_baseline_verdict": vs.get("verdict"),
                     "loss_vs_baseline": vs.get("loss_relative"), "loss_vs_baseline_lo": loss_ci[0],
                     "loss_vs_baseline_hi": loss_ci[1], "loss_vs_baseline_verdict": vs.get("loss_verdict"),
+                    "headline_vs_baseline": vs.get("headline_diff"),
+                    "headline_vs_baseline_lo": (vs.get("headline_ci95") or [None, None])[0],
+                    "headline_vs_baseline_hi": (vs.get("headline_ci95") or [None, None])[1],
+                    "headline_vs_baseline_verdict": vs.get("headline_verdict"),
                     "config": " ".join(f"{k}={v}" for k, v in r["config"].items()),
                     "depths": ";".join(map(str, r["depths"])), "device": ";".join(r["device"]),
                     "version": ";".join(r["version"]), "records": ";".join(r["records"])})
@@ -375,8 +415,10 @@ def to_markdown(doc: dict, solvable: bool) -> str:
              f"- preset: **{doc['preset'] or 'custom'}**; training: {train}",
              f"- replicates per depth (student seeds × teachers): {', '.join(map(str, replicates))}; every row's runs, config, versions and device are in "
              f"`{doc['table']}.json` (row id → `records`, each a run record under the runs directory)", ""]
+    headline = next((r["headline_metric"] for r in rows if r.get("headline_metric")), None)
     cols = ["block", "config", "params", "depths", "α_ℓ [95 % CI]", "Δα_ℓ vs baseline [95 % CI]", "loss",
                                                                                    "Δloss vs baseline [95 % CI]"] + \
+           [headline, f"Δ{headline} vs baseline [95 % CI]"] * bool(headline) + \
            ["depth to solve"] * solvable + \
            ["φ_mid", "skip effect (mean)", "skip centre", "regime", "train s", "device", "version", "source", "id"]
     lines += ["| " + " | ".join(cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
@@ -396,6 +438,12 @@ def to_markdown(doc: dict, solvable: bool) -> str:
                  _f(r["loss"], 4) + (f" (depth {r['loss_depth']}: deeper runs failed)"
                                      if r.get("loss_depth") not in (None, max(r["depths"])) else ""),
                  loss_versus]
+        if headline:
+            ci = (vs or {}).get("headline_ci95")
+            cells += [_f(r.get("headline")),
+                      "–" if not vs or "headline_diff" not in vs else f"{vs['headline_diff']:+.3g}" + (
+                          f" [{ci[0]:+.3g}, {ci[1]:+.3g}]: {_row_verdict(vs['headline_verdict'])}" if ci
+                          else ": no interval")]
         if solvable:
             cells.append(_f(r.get("depth_to_solve")) if r.get("depth_to_solve") is not None else "not solved")
         cells += [_f(r["phi_mid"]), _f(r["skip_effect_mean"]), _f(r["skip_centre"]), r["regime"] or "–",
@@ -406,7 +454,7 @@ def to_markdown(doc: dict, solvable: bool) -> str:
         lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
     lines += ["", "Columns:", ""]
     for key, text in COLUMNS.items():
-        if key == "depth_to_solve" and not solvable:
+        if (key == "depth_to_solve" and not solvable) or (key.startswith("headline") and not headline):
             continue
         lines.append(f"- **{key}**: {text}")
     return "\n".join(lines) + "\n"

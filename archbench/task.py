@@ -101,6 +101,11 @@ class Task:
     def set_progress(self, fraction: float) -> None:
         """Called before every training step with the fraction of training done (for curricula)."""
 
+    def headline_metric(self) -> str | None:
+        """The held-out metric a leaderboard shows for this task beside the loss (lower is better), compared
+        with the baseline row's at the deepest depth; None: the loss says it all."""
+        return None
+
     def solved(self, metrics: dict) -> bool | None:
         """Whether held-out ``metrics`` count as solving the task (None: no such notion)."""
         if self.solve_metric is None or self.solve_metric not in metrics:

@@ -100,6 +100,9 @@ class HopInduction(SequenceTask):
         y = torch.cat([torch.full((n, 1), IGNORE, device=dev), hop_targets(chars, k, C, self.max_hops)], 1)
         return x, y
 
+    def headline_metric(self):  # the hardest k trained: what composition buys
+        return f"error_k{self.max_hops}"
+
     def heldout_sample(self, n, generator):  # eval_per_k sequences of every k, in order of k
         return self.sample(n, generator, self.eval_k)
 

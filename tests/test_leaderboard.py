@@ -231,3 +231,27 @@ def test_a_table_off_every_preset_is_named_after_the_nearest_one():
     name, preset, diff = table_identity("teacher-student", task_cfg, cfg.train)
     assert name.startswith("teacher-student__teacher-independent__paper-long__train-")
     assert preset is None and diff == {"teacher": "independent"}
+
+
+def test_a_task_headline_metric_gets_a_column_and_a_paired_difference_with_the_baseline(main, tmp_path):
+    """hop-induction's headline is the error at the hardest k trained: each row shows it at the largest
+    depth, and against the baseline row (`residual`) with an interval over the seeds both ran."""
+    import numpy as np
+
+    runs = tmp_path / "runs"
+    results = {}
+    for block in ("residual", "looped"):
+        results[block] = run_eval(EvalSpec(block=block, task="hop-induction", preset="smoke", seeds=2,
+                                           runs_dir=str(runs), plots=False))
+    r = main("leaderboard", "--runs-dir", runs, "--out", tmp_path / "lb")
+    assert r.returncode == 0, r.stderr
+    (md,) = (tmp_path / "lb").glob("hop-induction*.md")
+    rows = {row["block"]: row for row in json.loads(md.with_suffix(".json").read_text())["rows"]}
+    at = {b: [run["eval"]["error_k2"] for run in res["runs"] if run["depth"] == 2] for b, res in results.items()}
+    assert rows["looped"]["headline_metric"] == "error_k2"
+    assert rows["looped"]["headline"] == pytest.approx(np.mean(at["looped"]))
+    vs = rows["looped"]["vs_baseline"]
+    assert vs["headline_depth"] == 2 and vs["headline_diff"] == pytest.approx(np.mean(at["looped"]) - np.mean(at["residual"]))
+    assert vs["headline_ci95"] is not None and vs["headline_ci95"][0] <= vs["headline_diff"] <= vs["headline_ci95"][1]
+    text = md.read_text()
+    assert "| error_k2 | Δerror_k2 vs baseline [95 % CI] |" in text and "- **headline**:" in text
