@@ -2,7 +2,8 @@
 
 From one sweep over depths and a difficulty knob (``--set task.k=1,2,4,8``), for every grid
 point: the smallest effective depth at which at least ``min_fraction`` of the seeds solve the
-task (the task's own criterion, e.g. held-out accuracy >= 99 %). A block that composes needs
+task (the task's own criterion, e.g. held-out accuracy >= 99 %), and each seed's own smallest
+solving depth (the figure's bars span them). A block that composes needs
 depth growing slowly with difficulty, about one layer per step or fewer; a block in the
 ensemble-averaging regime needs far more, or never gets there. Where the difficulty is one
 numeric knob, ``layers_per_step`` is the least-squares slope of depth-to-solve against it over
@@ -55,7 +56,12 @@ class DepthToSolve(Evaluator):
                                   "loss": float(np.mean([np.nan if r.final_loss is None else r.final_loss for r in at]))})
             solved = [p["depth"] for p in per_depth if p["solved_fraction"] >= self.min_fraction]
             first = min(solved) if solved else None
+            by_seed = {r.seed: None for r in rs}
+            for r in sorted(rs, key=lambda r: r.effective_depth):
+                if r.solved and by_seed[r.seed] is None:
+                    by_seed[r.seed] = r.effective_depth
             rows.append({"vary": vary, "label": point_label(vary) or "as configured", "depth_to_solve": first,
+                         "depth_to_solve_by_seed": {str(s): d for s, d in sorted(by_seed.items())},
                          "max_depth_tried": per_depth[-1]["depth"],
                          "unsolved_above": [p["depth"] for p in per_depth
                                             if first is not None and p["depth"] > first and p["depth"] not in solved],
@@ -91,9 +97,9 @@ class DepthToSolve(Evaluator):
         xs = [r["vary"][knob] if numeric else i for i, r in enumerate(rows)]
         top = max(r["max_depth_tried"] for r in rows)
         with figure(path, knob.split(".", 1)[1] if numeric else "difficulty", "effective depth to solve") as ax:
-            solved = [(x, r["depth_to_solve"]) for x, r in zip(xs, rows) if r["depth_to_solve"] is not None]
+            solved = [(x, r) for x, r in zip(xs, rows) if r["depth_to_solve"] is not None]
             if solved:
-                ax.plot(*zip(*solved), "o-", label="smallest depth that solves")
+                _line(ax, [x for x, _ in solved], [r for _, r in solved], "C0", "smallest depth that solves")
             unsolved = [x for x, r in zip(xs, rows) if r["depth_to_solve"] is None]
             if unsolved:
                 ax.plot(unsolved, [top * 1.15] * len(unsolved), "^", color="C3",
@@ -111,17 +117,27 @@ class DepthToSolve(Evaluator):
         top = max(r["max_depth_tried"] for r in rows)
         with figure(path, knob.split(".", 1)[1], "effective depth to solve") as ax:
             for i, value in enumerate(dict.fromkeys(r["vary"][series] for r in rows)):
-                at = sorted((r["vary"][knob], r["depth_to_solve"]) for r in rows if r["vary"][series] == value)
+                at = sorted(((r["vary"][knob], r) for r in rows if r["vary"][series] == value), key=lambda p: p[0])
                 name = f"{series.split('.', 1)[1]}={value}"
-                solved = [(x, d) for x, d in at if d is not None]
+                solved = [(x, r) for x, r in at if r["depth_to_solve"] is not None]
                 if solved:
-                    ax.plot(*zip(*solved), "o-", color=f"C{i}", label=name)
-                unsolved = [x for x, d in at if d is None]
+                    _line(ax, [x for x, _ in solved], [r for _, r in solved], f"C{i}", name)
+                unsolved = [x for x, r in at if r["depth_to_solve"] is None]
                 if unsolved:
                     ax.plot(unsolved, [top * (1.1 + 0.05 * i)] * len(unsolved), "^", color=f"C{i}",
                             label=f"{name}: not solved by depth {top}")
             ax.set_ylim(0, top * 1.4)
         return True
+
+
+def _line(ax, xs, rows, color, label) -> None:
+    """Depth to solve against the difficulty, with a bar over the seeds' own depths where they differ (a seed
+    that solved at no depth tried is left out of its bar)."""
+    ys = np.array([r["depth_to_solve"] for r in rows], float)
+    seeds = [[d for d in r.get("depth_to_solve_by_seed", {}).values() if d is not None] or [y]
+             for r, y in zip(rows, ys)]
+    err = np.array([[y - min(s) for y, s in zip(ys, seeds)], [max(s) - y for y, s in zip(ys, seeds)]])
+    ax.errorbar(xs, ys, yerr=err if err.any() else None, fmt="o-", color=color, capsize=3, label=label)
 
 
 def _slope(points) -> float | None:

@@ -44,6 +44,15 @@ def test_two_knobs_give_depth_against_the_numeric_one_per_value_of_the_other(run
     assert out["layers_per_step_by_series"]["A4xZ5"] == pytest.approx(1 / 14)  # least squares through (4, 1), (8, 2), (16, 2)
     assert "layers_per_step" not in out
     assert ev.plot(out, runs, tmp_path / "d.png") and (tmp_path / "d.png").stat().st_size > 1000
+    # a second seed that needs twice the depth on A5 at length 4 and never solves length 8: bars over the seeds
+    runs += [run({"task.group": g, "task.seq_len": n}, d, d >= {("A5", 4): 4}.get((g, n), first or 99), seed=1)
+             for (g, n), first in need.items() if (g, n) != ("A5", 8) for d in (1, 2, 4, 8)]
+    runs += [run({"task.group": "A5", "task.seq_len": 8}, d, False, seed=1) for d in (1, 2, 4, 8)]
+    runs.sort(key=lambda r: list(need).index((r.vary["task.group"], r.vary["task.seq_len"])))
+    rows = ev.evaluate_sweep(runs, None)["difficulties"]
+    assert rows[0]["depth_to_solve_by_seed"] == {"0": 2, "1": 4} and rows[0]["depth_to_solve"] == 2
+    assert rows[1]["depth_to_solve_by_seed"] == {"0": 4, "1": None} and rows[1]["depth_to_solve"] == 4
+    assert ev.plot(ev.evaluate_sweep(runs, None), runs, tmp_path / "e.png")
 
 
 def test_seed_fraction_and_non_monotone_depths(run):
@@ -53,6 +62,7 @@ def test_seed_fraction_and_non_monotone_depths(run):
     (row,) = ev.evaluate_sweep(runs, None)["difficulties"]
     assert row["depth_to_solve"] == 4 and row["unsolved_above"] == [6]
     assert [p["solved_fraction"] for p in row["per_depth"]] == [0.5, 1.0, 0.0]
+    assert row["depth_to_solve_by_seed"] == {"0": 2, "1": 4}  # each seed's own first solving depth
     assert EVALUATORS.get("depth-to-solve").obj(min_fraction=0.5).evaluate_sweep(runs, None)["difficulties"][0][
         "depth_to_solve"] == 2
 

@@ -121,6 +121,9 @@ def summary_lines(result) -> list[str]:
         for row in metrics["depth-to-solve"]["difficulties"]:
             d = row["depth_to_solve"]
             got = f"depth {d}" if d is not None else f"not solved up to depth {row['max_depth_tried']}"
+            seeds = row.get("depth_to_solve_by_seed", {})
+            if len(seeds) > 1:
+                got += " (seeds: " + ", ".join("–" if v is None else str(v) for v in seeds.values()) + ")"
             lines.append(f"depth to solve ({row['label']}): {got}")
         if "layers_per_step" in metrics["depth-to-solve"]:
             lines.append(f"layers per step of difficulty: {metrics['depth-to-solve']['layers_per_step']:.2f}")
