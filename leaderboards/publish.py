@@ -10,9 +10,10 @@
      logits over T, depth-scaled lr, hold-then-decay, fp32), tied and independent teacher, three
      teachers, at a CPU budget: depths 6, 12, 24 and ``TEACHER_STUDENT_STEPS`` steps instead of six
      depths and 80,000 steps;
-   - cfg-language (nested brackets) at ``quick``, three student seeds.
+   - hop-induction (Sanford et al.'s k-hop induction heads) at ``quick``, three student seeds, with the
+     held-out error at the hardest k beside the loss.
    A block that cannot be built at a table's depths gets them times the smallest whole factor it can
-   (recurrent-depth and hourglass on cfg-language: 3, 6, 12);
+   (recurrent-depth and hourglass: 3, 6, 9, 12 for 1, 2, 3, 4);
    Records already committed in ``leaderboards/records/`` are copied into ``--runs-dir`` first, so
    they count as cached: a rebuild on a fresh machine trains only what is missing;
 2. collect: the run records of the published tasks (JSON, no weights) copied to ``leaderboards/records/``,
@@ -53,8 +54,9 @@ TABLES = {  # name -> the EvalSpec fields every block's sweep shares
         EXP_9_3, sets={"train": {"steps": str(TEACHER_STUDENT_STEPS)}}),
     "teacher-student-independent": dict(
         EXP_9_3, sets={"task": {"teacher": "independent"}, "train": {"steps": str(TEACHER_STUDENT_STEPS)}}),
-    "cfg-language": dict(task="cfg-language", preset="quick", seeds=3,
-                         evaluators=["alpha-ell", "depth-to-solve", "regime"]),
+    # composition: the error at the hardest k is the headline column (cfg-language at quick is solved by one
+    # layer of every block, so its table separated nothing; it stays in archive-2026-11-22/)
+    "hop-induction": dict(task="hop-induction", preset="quick", seeds=3, evaluators=["alpha-ell", "error-by-k"]),
 }
 
 
