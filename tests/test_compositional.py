@@ -10,7 +10,7 @@ from archbench.errors import UsageError
 from archbench.registry import TASKS
 from archbench.task import IGNORE, SequenceTask, fingerprint
 from archbench.tasks.cfg_language import Grammar, generate
-from archbench.tasks.word_problem import compose, group_elements, solvable
+from archbench.tasks.word_problem import abelianization, compose, derived_series, group_elements, solvable
 
 SMALL = {
     "k-hop": {"k": 3, "pairs": 6, "alphabet": 10, "eval_size": 128},
@@ -220,6 +220,29 @@ def test_group_orders_and_solvability(name, order, is_solvable):
     elements = group_elements(name)
     assert len(elements) == order and elements[0] == tuple(range(len(elements[0])))
     assert solvable(elements) is is_solvable
+
+
+def test_derived_series_and_the_abelian_quotient():
+    """A4xZ5 ⊃ V4 ⊃ 1, so G/[G,G] = Z3×Z5 has 15 classes of 4; A5 is perfect (no abelian quotient)."""
+    assert [len(d) for d in derived_series(group_elements("A4xZ5"))] == [60, 4, 1]
+    assert [len(d) for d in derived_series(group_elements("S4"))] == [24, 12, 4, 1]
+    assert [len(d) for d in derived_series(group_elements("A5"))] == [60]
+    assert abelianization(group_elements("A5")) is None
+    elements = group_elements("A4xZ5")
+    coset = abelianization(elements)
+    assert sorted(torch.bincount(coset).tolist()) == [4] * 15
+    index = {g: i for i, g in enumerate(elements)}
+    a, b = elements[7], elements[23]  # the quotient is abelian: ab and ba fall in one class
+    assert coset[index[compose(a, b)]] == coset[index[compose(b, a)]]
+    # a prediction off by a commutator is wrong but in the right class
+    task = make("word-problem", group="A4xZ5", seq_len=4, eval_size=64)
+    x, y = task.batch(64, torch.Generator().manual_seed(0))
+    commutator = derived_series(elements)[1][1]
+    off = torch.tensor([[index[compose(elements[t], commutator)] for t in row] for row in y.tolist()])
+    m = task.metrics(torch.nn.functional.one_hot(off, 60).float(), y)
+    assert m["accuracy"] == 0 and m["abelian_accuracy_by_position"] == [1.0] * 4
+    assert "abelian_accuracy_by_position" not in make("word-problem", group="A5", seq_len=4, eval_size=64).metrics(
+        torch.nn.functional.one_hot(y, 60).float(), y)
 
 
 def test_word_problem_labels_are_running_products_and_bad_group_names_are_refused():
