@@ -105,6 +105,18 @@ def test_sequence_task_with_attention_batches_exactly(tmp_path):
     _same(_records(tmp_path / "fast"), _records(tmp_path / "plain"))
 
 
+def test_runs_at_different_sequence_lengths_train_together_in_groups_of_their_own(tmp_path):
+    # task.seq_len changes the model's input (its positions), so each length is a group of its own
+    common = dict(block="residual", task="word-problem", preset="smoke", depths=[1], seeds=1,
+                  sets={"task": {"seq_len": "4,6"}, "train": {"steps": "25"}}, evaluators=["depth-to-solve"],
+                  device="cpu", plots=False)
+    run_eval(EvalSpec(**common, engine="batched", runs_dir=str(tmp_path / "fast")))  # batched: insists
+    run_eval(EvalSpec(**common, engine="plain", runs_dir=str(tmp_path / "plain")))
+    fast = _records(tmp_path / "fast")
+    assert all(r["engine"]["name"] == "batched" and r["engine"]["runs"] == 2 for r in fast.values())
+    _same(fast, _records(tmp_path / "plain"))
+
+
 def test_a_diverging_run_fails_alone(tmp_path):
     """A run whose loss turns NaN is recorded as failed at that step; its group goes on unchanged."""
     from archbench.batched import Job, train_batched
