@@ -152,8 +152,10 @@ class RunRecord:
             if not _has_type(data["spec"][name], types):
                 raise BadRecord(f"its spec's '{name}' has the wrong type ({type(data['spec'][name]).__name__})")
         for field, types in (("env", (str, type(None))), ("source", (str, type(None))),
-                             ("eval", (*_NUMBER, type(None))), ("metrics", (dict, type(None)))):
-            bad = next((k for k, v in data[field].items() if not _has_type(v, types)), None)
+                             ("eval", (*_NUMBER, type(None), list)), ("metrics", (dict, type(None)))):
+            # a held-out metric is a number or, per position (word-problem's accuracy_by_position), a list of them
+            bad = next((k for k, v in data[field].items() if not _has_type(v, types)
+                        or (isinstance(v, list) and not all(_has_type(x, _NUMBER) for x in v))), None)
             if bad is not None:
                 raise BadRecord(f"'{field}.{bad}' has the wrong type ({type(data[field][bad]).__name__})")
         for field in ("history", "eval_history"):

@@ -72,6 +72,9 @@ def test_seed_fraction_and_non_monotone_depths(run):
 def test_every_new_task_runs_the_smoke_preset_with_residual(task, tmp_path):
     res = run_eval(EvalSpec(block="residual", task=task, preset="smoke", runs_dir=str(tmp_path)))
     assert res["runs"] and all(r["status"] == "ok" for r in res["runs"])
+    again = run_eval(EvalSpec(block="residual", task=task, preset="smoke", runs_dir=str(tmp_path)))
+    assert all(r["cached"] for r in again["runs"])  # every record reads back (per-position lists included)
+    assert not (tmp_path / "records" / "corrupt").exists()
     assert set(res["metrics"]) == set(TASKS.get(task).obj.default_evaluators)
     judged = TASKS.get(task).obj.solve_metric is not None
     assert all(isinstance(r["solved"], bool) == judged for r in res["runs"])

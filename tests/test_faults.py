@@ -275,6 +275,8 @@ def _alive(pid: int) -> bool:
     ("depth", lambda d: d["spec"].update(depth="x"), "spec's 'depth' has the wrong type"),
     ("env.device", lambda d: d["env"].update(device=3), "'env.device' has the wrong type"),
     ("eval.loss", lambda d: d["eval"].update(loss="x"), "'eval.loss' has the wrong type"),
+    ("eval list", lambda d: d["eval"].update(accuracy_by_position=[1.0, "x"]),
+     "'eval.accuracy_by_position' has the wrong type"),
     ("metrics", lambda d: d.update(metrics={"alpha-ell": 3}), "'metrics.alpha-ell' has the wrong type"),
     ("history", lambda d: d.update(history=[["a"]]), "'history' is not a list of [step, loss]"),
 ])
@@ -284,7 +286,7 @@ def test_record_like_foreign_files_are_named_and_skipped(field, change, why):
     good = {"key": "", "spec": {"numerics": 1, "block": "b", "block_version": 1, "block_cfg": {}, "task": "t",
                                 "task_version": 1, "task_cfg": {}, "model": {}, "train": {}, "depth": 2, "seed": 0},
             "depth": 2, "effective_depth": 2, "seed": 0, "status": "ok", "final_loss": 0.5, "params": 10,
-            "eval": {"loss": 0.5}, "metrics": {}, "solved": None, "failure": None, "steps_done": 5,
+            "eval": {"loss": 0.5, "accuracy_by_position": [1.0, 0.25]}, "metrics": {}, "solved": None, "failure": None, "steps_done": 5,
             "history": [[5, 0.6]], "wall_s": 1.0, "source": {"archbench": "0.1.0"}, "env": {"device": "cpu"},
             "engine": {"name": "plain"}, "finished": "2026-12-01", "record_version": 2}
     good["key"] = digest(good["spec"])
