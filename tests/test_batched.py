@@ -177,7 +177,10 @@ def test_killed_batch_resumes_to_the_same_losses(main, tmp_path):
         done = main(*args(runs))
         assert done.returncode == 0, done.stderr
     assert not list(records.glob("*.ckpt.pt"))
-    _same(_records(tmp_path / "killed"), _records(tmp_path / "whole"))
+    # a kill can land between the runs' checkpoints: the resumed runs then train in other groups, whose vmapped
+    # kernels sum in another order (round-off, 1e-5 after 300 steps on a loaded CI machine); a resume that lost
+    # a step or the optimizer's state would be off by far more
+    _same(_records(tmp_path / "killed"), _records(tmp_path / "whole"), rtol=COMPILED_RTOL)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
