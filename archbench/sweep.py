@@ -193,12 +193,14 @@ class Sweep:
     def train_batch(self, todo: list[tuple[Run, dict | None]], progress: Progress) -> dict:
         from archbench.batched import Job, compile_steps, train_batched
 
-        # the task's input (vocabulary, sequence length) shapes the model too: runs at different task.seq_len
-        # train in groups of their own, side by side
-        jobs = [Job(new_model(self.block, r.config, r.depth, r.seed, self.task(r.config)), self.task(r.config),
-                    TrainConfig(**r.config.train), r.seed, r.depth,
-                    shape=digest([r.config.block, r.config.model, r.depth, self.task(r.config).input]),
-                    checkpoint=self.store.checkpoint_path(r.key), resume=resume) for r, resume in todo]
+        jobs = []
+        for r, resume in todo:
+            task = self.task(r.config)
+            # the task's input (vocabulary, sequence length) shapes the model too: runs at different
+            # task.seq_len train in groups of their own, side by side
+            jobs.append(Job(new_model(self.block, r.config, r.depth, r.seed, task), task, TrainConfig(**r.config.train),
+                            r.seed, r.depth, shape=digest([r.config.block, r.config.model, r.depth, task.input]),
+                            checkpoint=self.store.checkpoint_path(r.key), resume=resume))
         bar = progress.add(f"{len(jobs)} runs together", total=jobs[0].cfg.steps)
 
         def on_log(step, losses):
