@@ -54,7 +54,8 @@ COLUMNS = {
             "largest depth that finished, which the cell names (`loss_depth` in CSV and JSON)",
     "depth_to_solve": "smallest effective depth whose runs solve the task (tasks with a notion of solved)",
     "headline": "the task's headline held-out metric at the largest depth, mean over replicates (tasks that have "
-                "one; hop-induction: the error at the hardest k trained)",
+                "one; hop-induction: the error at the hardest k trained; word-problem: the accuracy at the "
+                "worst position)",
     "headline_vs_baseline": "the headline metric minus the baseline row's at the deepest depth both trained, with "
                             "the bootstrap 95 % interval of the difference over replicates and its verdict",
     "phi_mid": "mean angle between neighbouring updates over the middle layers of the deepest model (rad; "

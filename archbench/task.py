@@ -102,8 +102,8 @@ class Task:
         """Called before every training step with the fraction of training done (for curricula)."""
 
     def headline_metric(self) -> str | None:
-        """The held-out metric a leaderboard shows for this task beside the loss (lower is better), compared
-        with the baseline row's at the deepest depth; None: the loss says it all."""
+        """The held-out metric a leaderboard shows for this task beside the loss (its name says which way is
+        better), compared with the baseline row's at the deepest depth; None: the loss says it all."""
         return None
 
     def solved(self, metrics: dict) -> bool | None:

@@ -11,7 +11,9 @@
      teachers, at a CPU budget: depths 6, 12, 24 and ``TEACHER_STUDENT_STEPS`` steps instead of six
      depths and 80,000 steps;
    - hop-induction (Sanford et al.'s k-hop induction heads) at ``quick``, three student seeds, with the
-     held-out error at the hardest k beside the loss.
+     held-out error at the hardest k beside the loss;
+   - word-problem (A5, length 4) at ``quick``, three student seeds, with the depth to solve and the
+     accuracy at the worst position.
    A block that cannot be built at a table's depths gets them times the smallest whole factor it can
    (recurrent-depth and hourglass: 3, 6, 9, 12 for 1, 2, 3, 4);
    Records already committed in ``leaderboards/records/`` are copied into ``--runs-dir`` first, so
@@ -57,6 +59,10 @@ TABLES = {  # name -> the EvalSpec fields every block's sweep shares
     # composition: the error at the hardest k is the headline column (cfg-language at quick is solved by one
     # layer of every block, so its table separated nothing; it stays in archive-2026-11-22/)
     "hop-induction": dict(task="hop-induction", preset="quick", seeds=3, evaluators=["alpha-ell", "error-by-k"]),
+    # state tracking: A5 (not solvable) at length 4, where one residual layer fails and two solve it
+    # (depths 1-3, one more than the preset's, so that α_ℓ has an interval)
+    "word-problem": dict(task="word-problem", preset="quick", seeds=3, depths=[1, 2, 3],
+                         evaluators=["alpha-ell", "depth-to-solve"]),
 }
 
 

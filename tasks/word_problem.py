@@ -158,6 +158,9 @@ class WordProblem(SequenceTask):
             out["abelian_accuracy_by_position"] = right.float().mean(0).tolist()
         return out
 
+    def headline_metric(self):  # the longest product: where depth runs out first
+        return "worst_position_accuracy"
+
     def problem_count(self):
         count = len(self.elements) ** self.seq_len
         return count if count < 10 ** 9 else None

@@ -3,10 +3,11 @@
 import json
 
 import pytest
+import torch
 
 from archbench.registry import EVALUATORS, TASKS
 from archbench.config import EvalSpec
-from archbench.sweep import run_eval
+from archbench.sweep import make_task, run_eval
 
 
 @pytest.fixture
@@ -78,6 +79,9 @@ def test_every_new_task_runs_the_smoke_preset_with_residual(task, tmp_path):
     assert set(res["metrics"]) == set(TASKS.get(task).obj.default_evaluators)
     judged = TASKS.get(task).obj.solve_metric is not None
     assert all(isinstance(r["solved"], bool) == judged for r in res["runs"])
+    headline = make_task(TASKS.get(task), res["config"]["task"], torch.device("cpu")).headline_metric()
+    if headline is not None:  # a misspelt name would leave the leaderboard's column empty
+        assert all(isinstance(r["eval"][headline], float) for r in res["runs"])
     if task == "cfg-language":
         ev = res["runs"][0]["eval"]
         assert ev["excess_ce"] == pytest.approx(ev["loss"] - ev["optimal_ce"]) and ev["entropy_rate"] > 0
