@@ -110,6 +110,7 @@ class DepthToSolve(Evaluator):
             else:
                 ax.set_xticks(xs, [r["label"] for r in rows], rotation=20)
             ax.set_ylim(0, top * 1.3)
+            _whole_numbers(ax, x=numeric)
         return True
 
     def _plot_series(self, result, path: Path) -> bool:
@@ -127,7 +128,17 @@ class DepthToSolve(Evaluator):
                     ax.plot(unsolved, [top * (1.1 + 0.05 * i)] * len(unsolved), "^", color=f"C{i}",
                             label=f"{name}: not solved by depth {top}")
             ax.set_ylim(0, top * 1.4)
+            _whole_numbers(ax)
         return True
+
+
+def _whole_numbers(ax, x: bool = True) -> None:
+    """Depths (and the usual difficulty knobs: lengths, hop counts) are whole numbers; so are their ticks."""
+    from matplotlib.ticker import MaxNLocator
+
+    ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+    if x:
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
 
 
 def _line(ax, xs, rows, color, label) -> None:
