@@ -78,7 +78,7 @@ def open_storage(url: str, heartbeat: bool = True) -> optuna.storages.BaseStorag
     try:
         with warnings.catch_warnings():  # the heartbeat is marked experimental
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            return optuna.storages.RDBStorage(url, **kwargs)
+            storage = optuna.storages.RDBStorage(url, **kwargs)
     except ModuleNotFoundError as e:
         raise UsageError(f"--storage {url!r}: the database driver is missing ({e.name}); "
                          f"install it with: pip install 'archbench[postgres]'") from None
@@ -87,6 +87,23 @@ def open_storage(url: str, heartbeat: bool = True) -> optuna.storages.BaseStorag
         if "import" in first.lower():
             first += "; for PostgreSQL: pip install 'archbench[postgres]'"
         raise UsageError(f"--storage {url!r}: cannot open ({first})") from None
+    if url.startswith("sqlite:///"):
+        _lock_before_reading(storage.engine)
+    return storage
+
+
+def _lock_before_reading(engine) -> None:
+    """Make every SQLite transaction take the write lock before it reads (BEGIN IMMEDIATE). Optuna moves a
+    queued trial to RUNNING by reading its state and then writing it, relying on SELECT ... FOR UPDATE,
+    which SQLite ignores: two workers could both read WAITING and run the same queued trial."""
+    import sqlalchemy
+
+    def no_implicit_begin(dbapi_connection, _record):
+        dbapi_connection.isolation_level = None  # the driver's own BEGIN would be deferred
+
+    sqlalchemy.event.listen(engine, "connect", no_implicit_begin)
+    sqlalchemy.event.listen(engine, "begin", lambda conn: conn.exec_driver_sql("BEGIN IMMEDIATE"))
+    engine.dispose()  # the connections Optuna opened while creating the schema predate the listeners
 
 
 def search_config(spec: SearchSpec, space: Space) -> dict:

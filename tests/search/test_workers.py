@@ -100,3 +100,31 @@ def test_postgres_study_shared_by_two_invocations(main, tmp_path, postgres_url, 
     workers = _check_workers(load_study, postgres_url, "pg", 3, logs)
     assert len(workers) == 3
     assert "Pareto front (3 trials" in b.stdout
+
+
+def test_queued_trials_are_each_taken_once(tmp_path):
+    # Optuna takes a queued trial by reading WAITING, then writing RUNNING; on SQLite, without a lock taken
+    # before the read, two workers could take the same one (how the baseline once ran twice)
+    import threading
+
+    import optuna
+
+    from archbench.search.study import open_storage
+
+    url = f"sqlite:///{tmp_path / 'q.db'}"
+    optuna.create_study(storage=open_storage(url, heartbeat=False), study_name="q")
+    for _ in range(3):
+        optuna.load_study(study_name="q", storage=open_storage(url, heartbeat=False)).enqueue_trial({"x": 1.0})
+    studies = [optuna.load_study(study_name="q", storage=open_storage(url, heartbeat=False)) for _ in range(6)]
+    start, taken = threading.Barrier(len(studies)), []
+
+    def ask(study):
+        start.wait()
+        taken.append(study.ask().number)
+
+    threads = [threading.Thread(target=ask, args=(s,)) for s in studies]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(taken) == list(range(6))  # three queued trials and three new ones, none handed out twice
