@@ -37,14 +37,14 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-from timm.optim import create_optimizer_v2, param_groups_weight_decay
+from timm.optim import create_optimizer_v2
 from torch import nn
 from torch.func import functional_call, stack_module_state, vmap
 
 from archbench.records import atomic_write
 from archbench.task import Task
 from archbench.train import (Outcome, TrainConfig, autocast_for, evaluates_at, finish, held_out, make_scheduler,
-                             scaled_lr)
+                             param_groups, scaled_lr)
 
 # timm optimizers whose update of each element reads only that element's state: stacking is exact
 ELEMENTWISE = ("adam", "adamw", "adamax", "nadam", "radam", "sgd", "momentum", "nesterov", "lion", "rmsprop")
@@ -170,7 +170,7 @@ class _Group:
         # timm's weight-decay groups of one model, mapped onto the stacked tensors by name
         name_of = {id(p): n for n, p in self.jobs[0].model.named_parameters()}
         groups = [{**g, "params": [self.params[name_of[id(p)]] for p in g["params"]]}
-                  for g in param_groups_weight_decay(self.jobs[0].model, cfg.weight_decay)]
+                  for g in param_groups(self.jobs[0].model, cfg.weight_decay)]
         # torch's fused Adam: one kernel for all tensors (CPU and CUDA), the same update as the loop's
         extra = {"fused": True} if cfg.optimizer.lower() in ("adam", "adamw") else {}
         self.opt = create_optimizer_v2(groups, opt=cfg.optimizer, lr=lr, weight_decay=cfg.weight_decay, **extra)

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Annotated, Callable, Literal
 
 import torch
-from timm.optim import create_optimizer_v2
+from timm.optim import create_optimizer_v2, param_groups_weight_decay
 from timm.scheduler import CosineLRScheduler, PolyLRScheduler
 
 from archbench.errors import unknown
@@ -113,8 +113,26 @@ def scaled_lr(cfg: TrainConfig, depth: int) -> float:
     return cfg.lr
 
 
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """timm's weight-decay groups, each split by its parameters' ``lr_scale`` attribute (a block sets it
+    where its paper scales a tensor's learning rate, as depth-µP and CompleteP do): the group's rate is
+    ``lr · lr_scale``, and timm's schedulers keep applying the scale at every step."""
+    groups = []
+    for group in param_groups_weight_decay(model, weight_decay):
+        by_scale: dict[float, list] = {}
+        for p in group["params"]:
+            by_scale.setdefault(float(getattr(p, "lr_scale", 1.0)), []).append(p)
+        groups += [{**group, "params": ps, **({"lr_scale": s} if s != 1.0 else {})} for s, ps in by_scale.items()]
+    return groups
+
+
+def has_lr_scales(model: torch.nn.Module) -> bool:
+    return any(getattr(p, "lr_scale", 1.0) != 1.0 for p in model.parameters())
+
+
 def make_scheduler(opt: torch.optim.Optimizer, cfg: TrainConfig, lr: float):
-    """A timm scheduler stepped per update (``step_update``), or None for a constant rate."""
+    """A timm scheduler stepped per update (``step_update``; it applies each group's ``lr_scale``), or None
+    for a constant rate (the scales applied here, once)."""
     lr_min = lr * cfg.final_lr_frac
     if cfg.schedule == "hold-decay":
         hold = int(cfg.hold_frac * cfg.steps)
@@ -128,6 +146,8 @@ def make_scheduler(opt: torch.optim.Optimizer, cfg: TrainConfig, lr: float):
     if warmup:  # constant after a linear warmup: poly of power 0
         return PolyLRScheduler(opt, t_initial=max(cfg.steps - warmup, 1), power=0.0, lr_min=lr, warmup_t=warmup,
                                warmup_lr_init=lr * 0.01, warmup_prefix=True, t_in_epochs=False)
+    for group in opt.param_groups:
+        group["lr"] = lr * group.get("lr_scale", 1.0)
     return None
 
 
@@ -142,7 +162,9 @@ def train(model: torch.nn.Module, task: Task, cfg: TrainConfig, *, seed: int, de
     device = task.device
     model.to(device).train()
     lr = scaled_lr(cfg, depth)
-    opt = create_optimizer_v2(model, opt=cfg.optimizer, lr=lr, weight_decay=cfg.weight_decay)
+    # the model itself where no tensor has its own rate: the optimizer state of older checkpoints keeps fitting
+    params = param_groups(model, cfg.weight_decay) if has_lr_scales(model) else model
+    opt = create_optimizer_v2(params, opt=cfg.optimizer, lr=lr, weight_decay=cfg.weight_decay)
     sched = make_scheduler(opt, cfg, lr)
     gen = torch.Generator(device=device).manual_seed(seed)
     start, history, evals, elapsed = 0, [], [], 0.0

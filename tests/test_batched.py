@@ -70,6 +70,16 @@ def test_batched_training_gives_the_plain_loops_losses(tmp_path, sets):
     assert [f["value"] for f in fits[0]] == pytest.approx([f["value"] for f in fits[1]], rel=1e-4)
 
 
+def test_per_tensor_learning_rates_are_the_same_in_both_engines(tmp_path):
+    # depth-µP scales the blocks' rate by 1/√(L/L₀) (archbench.train.param_groups), through a warmup-cosine schedule
+    common = dict(block="completep", task="teacher-student", preset="smoke", depths=[2, 8], seeds=2, device="cpu",
+                  sets={"block": {"alpha": "0.5"}, "train": {"steps": "40", "schedule": "cosine", "warmup_frac": "0.2"}},
+                  evaluators=["alpha-ell"], plots=False)
+    run_eval(EvalSpec(**common, engine="batched", runs_dir=str(tmp_path / "fast")))
+    run_eval(EvalSpec(**common, engine="plain", runs_dir=str(tmp_path / "plain")))
+    _same(_records(tmp_path / "fast"), _records(tmp_path / "plain"))
+
+
 def test_compiled_training_gives_the_plain_loops_losses_across_checkpoints(tmp_path):
     # the teacher's forward on 16 steps' inputs at once, in chunks that stop at each checkpoint (24, 48)
     sets = {"task": {"temperature": "1,0.25", "head": "teacher"},

@@ -39,7 +39,8 @@ def plain_twin(model, depth):
 
 
 @pytest.mark.parametrize("name, kw", [("hyper-connections", {"dynamic": False}), ("hyper-connections", {}),
-                                      ("mhc", {}), ("denseformer", {}), ("denseformer", {"dilation": 2})])
+                                      ("mhc", {}), ("denseformer", {}), ("denseformer", {"dilation": 2}),
+                                      ("unet-skips", {"unet": False})])
 def test_at_init_the_same_function_as_the_plain_prenorm_stack(name, kw):
     model = make(name, depth=5, **kw)
     for layer in model.effective_layers():  # random branches, connections left at their init
@@ -54,6 +55,52 @@ def test_at_init_the_same_function_as_the_plain_prenorm_stack(name, kw):
         assert torch.allclose(a, b, atol=1e-5)
     randomize(model)  # and the connections do change the function once they move
     assert not torch.allclose(model(x), plain_twin(model, 5)(x), atol=1e-3)
+
+
+def test_unet_skips_pair_the_halves_mirrored_and_reinject_the_embedding():
+    model = make("unet-skips", depth=5)
+    randomize(model)
+    stack, h0 = model.body, model.embed(tokens())
+    lam, w, blocks = stack.lambdas, stack.skip_weights, stack.layers
+    h, out = h0, []
+    for i in range(5):  # blocks 0, 1 push; 4 adds block 0's output, 3 adds block 1's; 2 is unpaired
+        x = lam[i, 0] * h + lam[i, 1] * h0
+        if i >= 3:
+            x = x + w[4 - i] * out[4 - i]
+        h = blocks[i](x)
+        out.append(h)
+    assert stack.pairs == 2 and torch.allclose(stack(h0), h, atol=1e-5)
+    with torch.no_grad():  # λ = (0, 1) everywhere and no skips: the last block reads the embedding alone
+        lam.copy_(torch.tensor([[0.0, 1.0]] * 5))
+        w.zero_()
+    assert torch.allclose(stack(h0), blocks[4](h0), atol=1e-6)
+
+
+def test_attention_residuals_mix_earlier_outputs_by_softmax_over_depth():
+    model = make("attention-residuals", depth=3)
+    stack, h0 = model.body, model.embed(tokens())
+    b = [layer.branch for layer in stack.layers]
+
+    def run(mix):
+        vals = [h0]
+        for l in range(3):
+            x = h0 if l == 0 else mix(2 * l, vals)
+            vals.append(b[l].attn(b[l].norm1(x)))
+            vals.append(b[l].mlp(b[l].norm2(mix(2 * l + 1, vals))))
+        return mix(6, vals)
+
+    # zero queries: every sublayer reads the plain mean of the embedding and all earlier outputs
+    assert torch.allclose(stack(h0), run(lambda k, vals: sum(vals) / len(vals)), atol=1e-5)
+
+    def softmax_mix(k, vals):  # α_i = softmax_i(w_k · rmsnorm_k(v_i)), one weight per source and position
+        scores = torch.stack([(stack.key_norms[k - 1](v) * stack.queries[k - 1]).sum(-1) for v in vals])
+        return (torch.softmax(scores, 0).unsqueeze(-1) * torch.stack(vals)).sum(0)
+
+    with torch.no_grad():
+        stack.queries.normal_()
+    randomize(stack.key_norms, std=1.0, seed=3)
+    assert torch.allclose(stack(h0), run(softmax_mix), atol=1e-5)
+    assert not torch.allclose(stack(h0), run(lambda k, vals: sum(vals) / len(vals)), atol=1e-3)
 
 
 def test_sinkhorn_is_doubly_stochastic():

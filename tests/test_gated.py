@@ -48,3 +48,25 @@ def test_gated_attention_gate_shape_and_effect(granularity, width):
     no_attn = X + block.branch.mlp(block.branch.norm2(X))
     assert torch.allclose(closed, no_attn, atol=1e-5) and not torch.allclose(base, closed)
     assert "attention" not in knobs_of(GatedAttention)  # pinned on: there is nothing to gate without it
+
+
+def test_laurel_starts_as_the_residual_block_and_its_skip_map_has_the_rank():
+    from archbench.blocks.laurel import LAuReL
+    from archbench.nn import PreNormBlock
+
+    torch.manual_seed(0)
+    block = LAuReL(dim=16, layer_idx=0, depth=4, rank=3, zero_init=False)
+    plain = PreNormBlock(16, zero_init=False)
+    plain.branch.load_state_dict(block.branch.state_dict())
+    assert torch.allclose(block(X), plain(X), atol=1e-6)  # B = 0, α = β = 1
+    a = block.down.weight.T  # the paper's column-orthogonal A: entries 1/√(rD) where i ≡ j (mod r)
+    assert torch.allclose(a.T @ a, torch.diag(torch.tensor([6.0, 5.0, 5.0]) / (3 * 16)))  # 16 rows: 6, 5, 5 per column
+    with torch.no_grad():
+        block.up.weight.normal_()
+        block.weights.copy_(torch.tensor([0.5, 2.0]))
+    # α·u(x) + β·(x + BAx): what is left after the branch and the plain skip is β·BAx, of rank 3
+    rest = (block(X) - 0.5 * block.branch(X) - 2.0 * X).reshape(-1, 16)
+    assert torch.allclose(rest, 2.0 * block.up(block.down(X)).reshape(-1, 16), atol=1e-5)
+    assert torch.linalg.matrix_rank(rest).item() == 3
+    assert LAuReL(dim=16, layer_idx=0, depth=4, variant="rw").down is None
+    assert LAuReL(dim=16, layer_idx=0, depth=4, variant="lr").weights is None

@@ -6,7 +6,7 @@ import torch
 from archbench.model import build_model
 from archbench.registry import BLOCKS
 from archbench.tasks.teacher_student import TeacherStudent
-from archbench.train import TrainConfig, make_scheduler, scaled_lr, train
+from archbench.train import TrainConfig, make_scheduler, param_groups, scaled_lr, train
 
 
 def setup(depth=2, seed=0):
@@ -47,6 +47,22 @@ def test_depth_scaled_lr():
     assert scaled_lr(cfg, 16) == pytest.approx(6e-4)
     assert scaled_lr(cfg, 64) == pytest.approx(6e-4 * 4 / 8)  # the paper's 6e-4·4/sqrt(ℓ)
     assert scaled_lr(TrainConfig(lr=1e-3), 64) == 1e-3
+
+
+@pytest.mark.parametrize("schedule", ["constant", "cosine"])
+def test_a_tensors_lr_scale_scales_its_rate_at_every_step(schedule):
+    model = torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.Linear(3, 3))
+    model[1].weight.lr_scale = 0.25
+    cfg = TrainConfig(steps=20, schedule=schedule, warmup_frac=0.1)
+    opt = torch.optim.SGD(param_groups(model, 0.0), lr=2.0)
+    sched = make_scheduler(opt, cfg, 2.0)
+    for step in range(cfg.steps):
+        rate = {id(p): g["lr"] for g in opt.param_groups for p in g["params"]}
+        base = rate[id(model[0].weight)]
+        assert rate[id(model[1].weight)] == pytest.approx(0.25 * base) and rate[id(model[1].bias)] == base
+        if sched is not None:
+            sched.step_update(step + 1)
+    assert schedule == "constant" or base < 2.0  # the schedule moved both groups
 
 
 def test_training_reduces_loss_and_repeats_exactly():
