@@ -74,6 +74,25 @@ def build_space(task: str, preset: str, sets: dict, path: str | None) -> Space:
     return space
 
 
+def only_buildable(space: Space, task: str, preset: str, depths: list[int] | None, sets: dict) -> tuple[Space, dict]:
+    """The space less the blocks that cannot be built at the study's depths at their default knobs
+    (recurrent-depth and hourglass have no depth 1 or 2): a trial drawing one could only fail.
+    Returns the space and ``{block: why}`` for those left out."""
+    from archbench.config import EvalSpec, resolve_config
+
+    left_out = {}
+    for b in space.blocks:
+        try:
+            resolve_config(EvalSpec(block=b, task=task, preset=preset, depths=depths, sets=sets, plots=False))
+        except UsageError as e:
+            left_out[b] = str(e)
+    if len(left_out) == len(space.blocks):
+        raise UsageError(f"no block of the search space can be built at these depths ({next(iter(left_out.values()))})")
+    kept = [b for b in space.blocks if b not in left_out]
+    return dataclasses.replace(space, blocks=kept, params={b: p for b, p in space.params.items() if b not in left_out},
+                               pinned={b: p for b, p in space.pinned.items() if b not in left_out}), left_out
+
+
 def _read_space_file(path: str) -> dict:
     try:
         raw = tomllib.loads(Path(path).read_text())

@@ -19,7 +19,7 @@ from archbench.errors import ArchbenchError, UsageError
 from archbench.registry import BLOCKS
 from archbench.search.failures import TrialFailed
 from archbench.search.results import summary
-from archbench.search.space import Space, build_space
+from archbench.search.space import Space, build_space, only_buildable
 from archbench.search.study import SearchSpec, counted, enqueue_baseline, open_storage, open_study, resume
 from archbench.search.trial import TrialRunner
 
@@ -34,7 +34,10 @@ def run_search(spec: SearchSpec, console=None, on_trial: Callable | None = None)
         raise UsageError(f"--workers {spec.workers}: need at least one worker")
     if spec.baseline:
         BLOCKS.get(spec.baseline)
-    space = build_space(spec.task, spec.preset, spec.sets, spec.space)
+    space, left_out = _space(spec)
+    if console is not None:
+        for block, why in left_out.items():
+            console.print(f"left out of the search space: {block} ({why})", soft_wrap=True)
     runner = TrialRunner(spec, space, console)  # a bad task, preset, objective or budget fails here, before any write
     study = open_study(spec, space)
     resume(study)
@@ -47,6 +50,11 @@ def run_search(spec: SearchSpec, console=None, on_trial: Callable | None = None)
         else:
             _spawn(spec, remaining, on_trial)
     return summary(open_study(spec, space), spec)
+
+
+def _space(spec: SearchSpec) -> tuple[Space, dict]:
+    return only_buildable(build_space(spec.task, spec.preset, spec.sets, spec.space), spec.task, spec.preset,
+                          spec.depths, spec.sets)
 
 
 def _work(spec: SearchSpec, space: Space, share: int, runner: TrialRunner, on_trial=None) -> None:
@@ -74,7 +82,7 @@ def _worker_main(spec: SearchSpec, share: int, index: int, parent: int) -> None:
     with open(spec.study_dir / f"worker-{index}.log", "a", buffering=1) as log:
         sys.stdout = sys.stderr = log  # warnings and tracebacks go to the worker's log, not the terminal
         try:
-            space = build_space(spec.task, spec.preset, spec.sets, spec.space)
+            space, _ = _space(spec)
             _work(spec, space, share, TrialRunner(spec, space, Console(file=log, force_terminal=False, width=120)))
         except KeyboardInterrupt:  # the trial in hand is marked cut off; a rerun queues it again
             pass

@@ -60,3 +60,17 @@ def test_docs_space_file_is_valid(tmp_path):
     space = build_space("teacher-student", "quick", {}, str(tmp_path / "space.toml"))
     assert space.blocks == ["residual", "rezero", "looped", "recurrent-depth"]
     assert space.pinned["residual"] == {"mlp_ratio": 4} and space.params["*"]["train.lr"].log
+
+
+def test_blocks_that_cannot_be_built_at_the_studys_depths_are_left_out_with_the_reason():
+    from archbench.search.space import only_buildable
+
+    space = build_space("teacher-student", "smoke", {}, None)
+    kept, left_out = only_buildable(space, "teacher-student", "smoke", [2, 4], {})
+    assert {"recurrent-depth", "hourglass"} <= set(left_out) and "residual" in kept.blocks
+    assert "recurrent-depth" not in kept.params and "depth" in left_out["recurrent-depth"]
+    assert set(kept.blocks) | set(left_out) == set(space.blocks)
+    assert "recurrent-depth" in only_buildable(space, "teacher-student", "smoke", [3, 6], {})[0].blocks
+    with pytest.raises(UsageError, match="no block"):
+        only_buildable(build_space("teacher-student", "smoke", {}, None), "teacher-student", "smoke", [1], {
+            "block": {"no_such_knob": "1"}})

@@ -24,8 +24,8 @@ def test_bad_input_gets_one_line(main, tmp_path, tiny):
 def _check_workers(load_study, url, name, n, log):
     trials = load_study(url, name).get_trials()
     assert len(trials) == n and sorted(t.number for t in trials) == list(range(n))
-    # every trial finished: with a result, or failed with its reason (the sampler may propose a block that cannot
-    # be built at these depths, e.g. recurrent-depth at depth 2); none left running
+    # every trial finished: with a result, or failed with its reason (sampled knobs may make a model that cannot
+    # be built or trained); none left running
     assert all(t.state.name == "COMPLETE" or (t.state.name == "FAIL" and t.user_attrs.get("failure"))
                for t in trials), [(t.number, t.state, t.user_attrs) for t in trials]
     assert any(t.state.name == "COMPLETE" for t in trials)
