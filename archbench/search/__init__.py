@@ -13,8 +13,11 @@ budget; each trial is an ``archbench eval`` depth sweep, scored by the objective
   ``none``: the preset's width for every trial.
 - **Objectives.** ``alpha`` (α_ℓ, maximise), ``loss`` (held-out loss at the largest depth, minimise),
   ``depth-to-solve`` (hardest difficulty; unsolved counts as twice the largest depth tried, minimise),
-  ``redundancy`` (1 − mean effect of skipping a layer on the later layers, capped at 0; minimise).
-  Several objectives make a multi-objective study whose answer is the Pareto front.
+  ``redundancy`` (1 − mean effect of skipping a layer on the later layers, capped at 0; minimise), and
+  two measured on a task of their own whatever ``--task`` is: ``compose`` (held-out error at the hardest
+  k on hop-induction, minimise) and ``lm-loss`` (held-out loss on lm-char, minimise). A trial runs one
+  depth sweep per task its objectives need, each at the study's preset and sized to the baseline's
+  budget on that task. Several objectives make a multi-objective study whose answer is the Pareto front.
 - **Pruning.** In a single-objective study each trial reports the objective computed on the depths
   finished so far (the depths train in increasing order, one run at a time), and Optuna's pruner
   stops trials that are hopeless at that depth. Multi-objective studies are not pruned (Optuna has no

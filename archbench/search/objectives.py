@@ -15,6 +15,7 @@ class Objective:
     direction: str  # "maximize" or "minimize"
     evaluators: tuple[str, ...]  # what the trial's eval must run
     help: str
+    task: str | None = None  # the task it is measured on (at the study's --preset); None: the study's --task
 
 
 OBJECTIVES = {o.name: o for o in (
@@ -24,6 +25,11 @@ OBJECTIVES = {o.name: o for o in (
               "depth that solves the hardest difficulty (unsolved: twice the largest depth tried)"),
     Objective("redundancy", "minimize", ("skip-sensitivity",),
               "1 - mean effect of skipping a layer on later layers, at the largest depth (floored at 0)"),
+    # the project's question, each on the task that asks it whatever the study's --task
+    Objective("compose", "minimize", (), "held-out error at the hardest k trained on hop-induction, largest depth, "
+              "mean over seeds: compositional use of depth", "hop-induction"),
+    Objective("lm-loss", "minimize", (), "held-out loss on lm-char at the largest depth, mean over seeds: what "
+              "ensemble averaging is good at", "lm-char"),
 )}
 
 
@@ -33,12 +39,16 @@ def _deepest(runs: list[dict]) -> list[dict]:
     return [r for r in ok if r["depth"] == top]
 
 
-def objective_value(name: str, result: dict) -> float | None:
-    """The objective ``name`` of a finished eval result (None if it could not be computed)."""
+def objective_value(name: str, result: dict, headline: str | None = None) -> float | None:
+    """The objective ``name`` of a finished eval result (None if it could not be computed); ``headline``:
+    the name of the task's headline held-out metric (``Task.headline_metric``)."""
     metrics, runs = result["metrics"], result["runs"]
     if name == "alpha":
         return metrics.get("alpha-ell", {}).get("value")
-    if name == "loss":
+    if name == "compose":
+        values = [r["eval"].get(headline) for r in _deepest(runs)]
+        return sum(values) / len(values) if values and None not in values else None
+    if name in ("loss", "lm-loss"):
         deepest = _deepest(runs)
         return sum(r["final_loss"] for r in deepest) / len(deepest) if deepest else None
     if name == "depth-to-solve":
@@ -56,9 +66,11 @@ def objective_value(name: str, result: dict) -> float | None:
 
 
 def intermediate_value(name: str, runs: list[RunRecord], task) -> float | None:
-    """The objective on the depths finished so far, for the pruner (loss and alpha only)."""
-    if name == "loss":
-        return objective_value("loss", {"metrics": {}, "runs": [r.summary() for r in runs]})
+    """The objective on the depths finished so far, for the pruner (not for depth-to-solve and redundancy)."""
+    if name in ("loss", "lm-loss"):
+        return objective_value(name, {"metrics": {}, "runs": [r.summary() for r in runs]})
+    if name == "compose":
+        return objective_value(name, {"metrics": {}, "runs": [r.summary() for r in runs]}, task.headline_metric())
     if name == "alpha" and len({r.depth for r in runs if r.ok}) >= 2:
         from archbench.evaluators.alpha_ell import AlphaEll
 

@@ -27,7 +27,7 @@ def trial_row(t, objectives: list[str]) -> dict:
             "alpha_ci95": t.user_attrs.get("alpha_ci95"), "failure": t.user_attrs.get(FAILURE),
             "baseline": bool(t.user_attrs.get("baseline")),
             "wall_s": sum(r["wall_s"] for r in t.user_attrs.get("runs", [])),
-            "eval": ev, "result": t.user_attrs.get("result")}
+            "eval": ev, "evals": t.user_attrs.get("evals"), "result": t.user_attrs.get("result")}
 
 
 def summary(study: optuna.Study, spec: SearchSpec) -> dict:
@@ -58,7 +58,11 @@ def summary(study: optuna.Study, spec: SearchSpec) -> dict:
 
 
 def eval_command(row: dict, spec: SearchSpec) -> str:
-    """The ``archbench eval`` command that reproduces a trial's sweep."""
-    ev = row["eval"]
-    sets = " ".join(f"--set {s}.{k}={v}" for s, kv in ev.get("sets", {}).items() for k, v in kv.items())
-    return f"archbench eval --block {ev.get('block')} --task {spec.task} --preset {spec.preset} {sets}".strip()
+    """The ``archbench eval`` command(s) that reproduce a trial's sweep(s), one per task its objectives need."""
+    evals = row.get("evals") or [{**row["eval"], "task": spec.task, "preset": spec.preset}]
+    commands = []
+    for ev in evals:
+        sets = " ".join(f"--set {s}.{k}={v}" for s, kv in ev.get("sets", {}).items() for k, v in kv.items())
+        commands.append(f"archbench eval --block {ev.get('block')} --task {ev['task']} --preset {ev['preset']} "
+                        f"{sets}".strip())
+    return " && ".join(commands)

@@ -3,6 +3,7 @@ its eval sweep, score it. A trial that cannot be scored is marked FAIL with its 
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import socket
@@ -19,32 +20,65 @@ from archbench.search.space import Space, sample
 from archbench.search.study import SearchSpec
 
 
+@dataclasses.dataclass
+class Sweep:
+    """One eval sweep of a trial: a task (at the study's --preset) and the objectives measured on it."""
+
+    task: str
+    objectives: list[str]
+    own: bool  # the study's own --task (its --depths and task.* settings apply)
+    limit: int | None = None  # the budget at the largest depth, measured on the baseline (None: no budget)
+    max_depth: int = 0
+    ref_width: int = 0
+    task_obj: object = None  # the task, built on the CPU
+
+
+def sweeps(spec: SearchSpec) -> list[Sweep]:
+    """The trial's sweeps: the study's task, then each other task an objective is measured on."""
+    out: dict[str, Sweep] = {}
+    for o in spec.objectives:
+        task = OBJECTIVES[o].task or spec.task
+        out.setdefault(task, Sweep(task, [], own=task == spec.task)).objectives.append(o)
+    return sorted(out.values(), key=lambda s: not s.own)
+
+
 class TrialRunner:
-    """The objective function: one trial = sample, fit the budget, run the eval sweep, score it."""
+    """The objective function: one trial = sample, fit the budget, run the eval sweep(s), score it."""
 
     def __init__(self, spec: SearchSpec, space: Space, console=None):
-        from archbench.config import EvalSpec, resolve_config
+        import torch
+
+        from archbench.config import resolve_config
         from archbench.sweep import make_task
 
         self.spec, self.space, self.console = spec, space, console
-        evaluators = sorted({e for o in spec.objectives for e in OBJECTIVES[o].evaluators})
-        self.evaluators = evaluators
+        self.sweeps = sweeps(spec)
         # a pruned study needs the depths one after another (the batched engine trains them together)
-        engine = "plain" if spec.pruner != "none" and len(spec.objectives) == 1 else "auto"
-        self._eval_spec = lambda block, sets: EvalSpec(
-            block=block, task=spec.task, preset=spec.preset, depths=spec.depths, seeds=spec.seeds,
-            sets=sets, evaluators=evaluators, device=spec.device, runs_dir=spec.runs_dir, plots=False,
-            engine=engine)
-        # the baseline's resolved config checks task, preset, --set and the objectives' evaluators up front
-        ref = resolve_config(self._eval_spec(spec.baseline or "residual", spec.sets))
-        self.limit = None
-        if spec.budget != "none":
-            import torch
+        self.engine = "plain" if spec.pruner != "none" and len(spec.objectives) == 1 else "auto"
+        for sw in self.sweeps:
+            # the baseline's resolved config checks task, preset, --set and the objectives' evaluators up front
+            ref = resolve_config(self._eval_spec(sw, spec.baseline or "residual", self._sets(sw, {})))
+            sw.ref_width, sw.max_depth = ref.model["width"], max(ref.depths)
+            sw.task_obj = make_task(TASKS.get(sw.task), ref.task, torch.device("cpu"))  # budget, headline metric
+            if spec.budget != "none":
+                sw.limit = measure(spec.baseline or "residual", ref, sw.max_depth, sw.task_obj, sw.ref_width,
+                                   spec.budget)
 
-            self.ref_width, self.max_depth = ref.model["width"], max(ref.depths)
-            self.task = make_task(TASKS.get(spec.task), ref.task, torch.device("cpu"))
-            self.limit = measure(spec.baseline or "residual", ref, self.max_depth, self.task, self.ref_width,
-                                 spec.budget)
+    def _eval_spec(self, sw: Sweep, block: str, sets: dict):
+        from archbench.config import EvalSpec
+
+        spec = self.spec
+        evaluators = sorted({e for o in sw.objectives for e in OBJECTIVES[o].evaluators})
+        return EvalSpec(block=block, task=sw.task, preset=spec.preset, depths=spec.depths if sw.own else None,
+                        seeds=spec.seeds, sets=sets, evaluators=evaluators, device=spec.device,
+                        runs_dir=spec.runs_dir, plots=False, engine=self.engine)
+
+    def _sets(self, sw: Sweep, sampled: dict) -> dict:
+        """--set values (task.* only on the study's own task), then the sampled ones."""
+        sets = {section: dict(values) for section, values in self.spec.sets.items() if sw.own or section != "task"}
+        for section, values in sampled.items():
+            sets.setdefault(section, {}).update(values)
+        return sets
 
     def __call__(self, trial: optuna.Trial) -> list[float]:
         self._log(f"trial {trial.number} started by pid {os.getpid()} on {socket.gethostname()}")
@@ -66,55 +100,65 @@ class TrialRunner:
         self._record(trial, result)
         return self._score(trial, result)
 
-    def _run(self, trial: optuna.Trial) -> dict:
+    def _run(self, trial: optuna.Trial) -> list[dict]:
         """Sample a configuration (sampled knobs over ``--set`` ones), size it to the budget, run its
-        depth sweep and return the eval result."""
+        depth sweep on each task the objectives need, and return the eval results."""
         from archbench.config import resolve_config
         from archbench.sweep import run_eval
 
-        spec = self.spec
         block, sampled = sample(trial, self.space)
-        sets = {section: dict(values) for section, values in spec.sets.items()}
-        for section, values in sampled.items():
-            sets.setdefault(section, {}).update(values)
-        config = resolve_config(self._eval_spec(block, sets))
-        if config.grid:
-            raise UsageError("a search trial is one depth sweep: --set values with commas (grids) are not "
-                             "supported in search")
-        if self.limit is not None:
-            width, used = fit_width(block, config, self.max_depth, self.task, spec.budget, self.limit,
-                                    ceiling=8 * self.ref_width)
-            sets.setdefault("model", {})["width"] = width
-            trial.set_user_attr("budget", {"kind": spec.budget, "limit": self.limit, "used": used,
-                                           "depth": self.max_depth})
-        trial.set_user_attr("eval", {"block": block, "sets": sets})
-        return run_eval(self._eval_spec(block, sets), console=self.console,
-                        on_run=lambda runs, task: self._report(trial, runs, task, config.seeds))
+        planned = []
+        for i, sw in enumerate(self.sweeps):
+            sets = self._sets(sw, sampled)
+            config = resolve_config(self._eval_spec(sw, block, sets))
+            if config.grid:
+                raise UsageError("a search trial is one depth sweep per task: --set values with commas (grids) "
+                                 "are not supported in search")
+            if sw.limit is not None:
+                width, used = fit_width(block, config, sw.max_depth, sw.task_obj, self.spec.budget, sw.limit,
+                                        ceiling=8 * sw.ref_width)
+                sets.setdefault("model", {})["width"] = width
+                trial.set_user_attr("budget" if i == 0 else f"budget:{sw.task}",
+                                    {"kind": self.spec.budget, "limit": sw.limit, "used": used, "depth": sw.max_depth})
+            planned.append((sw, sets, config))
+        evals = [{"block": block, "task": sw.task, "preset": self.spec.preset, "sets": sets} for sw, sets, _ in planned]
+        trial.set_user_attr("eval", {"block": block, "sets": planned[0][1]})
+        trial.set_user_attr("evals", evals)
+        return [run_eval(self._eval_spec(sw, block, sets), console=self.console,
+                         on_run=lambda runs, task, sw=sw, seeds=config.seeds: self._report(trial, runs, task, seeds, sw))
+                for sw, sets, config in planned]
 
-    def _record(self, trial, result: dict) -> None:
-        """Where the trial's result and run records are, and a line per run."""
-        trial.set_user_attr("result", result["files"]["result"])
-        trial.set_user_attr("records", [r["key"] for r in result["runs"]])
-        trial.set_user_attr("runs", [{k: r[k] for k in ("key", "depth", "seed", "params", "final_loss", "status",
-                                                         "wall_s")} for r in result["runs"]])
+    def _record(self, trial, results: list[dict]) -> None:
+        """Where the trial's results and run records are, and a line per run."""
+        trial.set_user_attr("result", results[0]["files"]["result"])
+        trial.set_user_attr("results", [r["files"]["result"] for r in results])
+        trial.set_user_attr("records", [r["key"] for res in results for r in res["runs"]])
+        trial.set_user_attr("runs", [{**{k: r[k] for k in ("key", "depth", "seed", "params", "final_loss", "status",
+                                                           "wall_s")}, "task": sw.task}
+                                     for sw, res in zip(self.sweeps, results) for r in res["runs"]])
 
-    def _score(self, trial, result: dict) -> list[float]:
+    def _score(self, trial, results: list[dict]) -> list[float]:
         """The objective values; a failed run or an objective that cannot be computed fails the trial."""
-        failed = [r for r in result["runs"] if r["status"] != "ok"]
+        failed = [(sw, r) for sw, res in zip(self.sweeps, results) for r in res["runs"] if r["status"] != "ok"]
         if failed:
-            r = failed[0]
-            return self._fail(trial, f"depth {r['depth']} seed {r['seed']}: {r['failure']}")
-        values = [objective_value(o, result) for o in self.spec.objectives]
-        trial.set_user_attr("alpha_ci95", result["metrics"].get("alpha-ell", {}).get("ci95"))
+            sw, r = failed[0]
+            return self._fail(trial, f"{sw.task} depth {r['depth']} seed {r['seed']}: {r['failure']}")
+        of = {o: (sw, res) for sw, res in zip(self.sweeps, results) for o in sw.objectives}
+        values = []
+        for o in self.spec.objectives:
+            sw, res = of[o]
+            values.append(objective_value(o, res, sw.task_obj.headline_metric()))
+            if o == "alpha":
+                trial.set_user_attr("alpha_ci95", res["metrics"].get("alpha-ell", {}).get("ci95"))
         for o, v in zip(self.spec.objectives, values):
             if v is None or not math.isfinite(v):
-                note = result["metrics"].get("alpha-ell", {}).get("note", "") if o == "alpha" else ""
+                note = of[o][1]["metrics"].get("alpha-ell", {}).get("note", "") if o == "alpha" else ""
                 return self._fail(trial, f"objective {o} could not be computed" + (f" ({note})" if note else ""))
         return values
 
-    def _report(self, trial, runs, task, seeds):
+    def _report(self, trial, runs, task, seeds, sw: Sweep):
         """After each run: the objective on the depths finished so far, for the pruner."""
-        if len(self.spec.objectives) != 1 or len(runs) % seeds:
+        if len(self.spec.objectives) != 1 or len(runs) % seeds or self.spec.objectives[0] not in sw.objectives:
             return
         value = intermediate_value(self.spec.objectives[0], runs, task)
         if value is not None and math.isfinite(value):

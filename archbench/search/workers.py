@@ -35,11 +35,11 @@ def run_search(spec: SearchSpec, console=None, on_trial: Callable | None = None)
     if spec.baseline:
         BLOCKS.get(spec.baseline)
     space, left_out = _space(spec)
+    runner = TrialRunner(spec, space, console)  # a bad task, preset, objective or budget fails here, before any write
+    study = open_study(spec, space)
     if console is not None:
         for block, why in left_out.items():
             console.print(f"left out of the search space: {block} ({why})", soft_wrap=True)
-    runner = TrialRunner(spec, space, console)  # a bad task, preset, objective or budget fails here, before any write
-    study = open_study(spec, space)
     resume(study)
     if spec.baseline:
         enqueue_baseline(study, space, spec.baseline)

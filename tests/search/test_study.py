@@ -7,6 +7,12 @@ import subprocess
 import optuna
 
 from archbench.search import SearchSpec, build_space, run_search
+from archbench.search.space import only_buildable
+
+
+def _blocks():
+    """The blocks the smoke studies below draw from: those that can be built at depths 2 and 4."""
+    return only_buildable(build_space("teacher-student", "smoke", {}, None), "teacher-student", "smoke", [2, 4], {})[0].blocks
 
 
 def _counted(trials):
@@ -58,7 +64,7 @@ def test_interrupted_trial_is_queued_again_and_records_reused(tmp_path, load_stu
     # a trial cut off mid-sweep (Ctrl-C, a killed worker): FAIL with no recorded reason
     study.enqueue_trial({"block": "rezero"})
     cut = study.ask()
-    cut.suggest_categorical("block", build_space("teacher-student", "smoke", {}, None).blocks)
+    cut.suggest_categorical("block", _blocks())
     study.tell(cut, state=optuna.trial.TrialState.FAIL)
     cut_params = study.get_trials()[1].params
     # a trial left RUNNING by a process of this machine that was killed before its first heartbeat
@@ -66,7 +72,7 @@ def test_interrupted_trial_is_queued_again_and_records_reused(tmp_path, load_stu
     dead.wait()
     study.enqueue_trial({"block": "highway"})
     orphan = study.ask()
-    orphan.suggest_categorical("block", build_space("teacher-student", "smoke", {}, None).blocks)
+    orphan.suggest_categorical("block", _blocks())
     orphan.set_user_attr("worker", f"{socket.gethostname()}:{dead.pid}")
     run_search(SearchSpec(**{**spec.__dict__, "trials": 3}))
     trials = study.get_trials()
