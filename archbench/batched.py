@@ -224,7 +224,8 @@ class _Group:
 
 
 def train_batched(jobs: list[Job], on_log: Callable[[int, list[float]], None] | None = None, *,
-                  compiled: bool = False) -> list[Outcome]:
+                  compiled: bool = False,
+                  on_eval: Callable[[int, list[dict | None]], None] | None = None) -> list[Outcome]:
     """Train ``jobs`` together; one ``Outcome`` per job, as ``train`` would give for each alone.
 
     Each outcome's ``train_s`` is the batch's wall time shared equally among its runs. Every
@@ -232,10 +233,11 @@ def train_batched(jobs: list[Job], on_log: Callable[[int, list[float]], None] | 
     ``resume`` state continues from it (all jobs of one call from the same step), whichever of the
     runs once trained beside it have finished since. ``compiled``: through ``torch.compile`` (see the
     module's docstring); where compiling fails, the run goes on uncompiled, with one warning.
+    ``on_eval(step, metrics)``: each job's held-out metrics (None for a failed one) at every eval step.
     """
     with warnings.catch_warnings():  # ops without a vmap rule are looped over the runs: slower, still exact
         warnings.filterwarnings("ignore", message="There is a performance drop")
-        return _train(jobs, on_log, compiled)
+        return _train(jobs, on_log, compiled, on_eval)
 
 
 def compile_steps(setting: str, steps: int) -> bool:
@@ -253,7 +255,7 @@ def checkpoint_step(state: dict | None) -> int:
     return state["step"] if state and state.get("engine") == "batched" else 0
 
 
-def _train(jobs, on_log, compiled):
+def _train(jobs, on_log, compiled, on_eval=None):
     cfg, device = jobs[0].cfg, jobs[0].task.device
     resumed = [j.resume if checkpoint_step(j.resume) else None for j in jobs]
     if len({checkpoint_step(r) for r in resumed}) > 1:
@@ -294,10 +296,14 @@ def _train(jobs, on_log, compiled):
             if on_log:
                 on_log(done, values)
         if evaluates_at(cfg, done):
+            metrics = {}
             for g in groups:
                 for i, j in enumerate(g.jobs):
                     if id(j) not in failures:
-                        evals[id(j)].append([done, held_out(j.task, g.unstack(i), cfg)["loss"]])
+                        metrics[id(j)] = held_out(j.task, g.unstack(i), cfg)
+                        evals[id(j)].append([done, metrics[id(j)]["loss"]])
+            if on_eval:
+                on_eval(done, [metrics.get(id(j)) for j in jobs])
         if cfg.checkpoint_every and done % cfg.checkpoint_every == 0 and done < cfg.steps:
             _save(done, time.perf_counter() - t0, groups, streams, stream_of, histories, evals, failures)
     train_s = (time.perf_counter() - t0) / len(jobs)

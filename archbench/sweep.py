@@ -54,12 +54,15 @@ class Run:
 
 
 def run_eval(spec: EvalSpec, console: Console | None = None,
-             on_run: Callable[[list[RunRecord], Any], None] | None = None) -> dict:
+             on_run: Callable[[list[RunRecord], Any], None] | None = None,
+             on_eval: Callable[[int, list[tuple[int, int, dict]]], None] | None = None) -> dict:
     """Train (or find cached) every run of the sweep, then run the evaluators; returns the result JSON.
 
-    ``on_run(records, task)`` is called after each run with the records so far (a search reports
-    intermediate values from it, and may stop the sweep by raising)."""
-    return Sweep(spec, console).run(on_run)
+    ``on_run(records, task)`` is called after each run with the records so far, ``on_eval(step, points)``
+    at each in-training held-out evaluation (``train.eval_every``) with ``(depth, seed, metrics)`` of the
+    runs training then (all of a batch, or the one run of the plain loop). A search reports
+    intermediate values from them, and may stop the sweep by raising."""
+    return Sweep(spec, console).run(on_run, on_eval)
 
 
 class Sweep:
@@ -70,6 +73,7 @@ class Sweep:
             raise unknown("--compile setting", spec.compile, COMPILE)
         self.spec = spec
         self.console = console or Console(stderr=True)
+        self.on_eval = None  # run()'s callback at in-training evaluations
         self.config = resolve_config(spec)
         self.points = self.config.points()
         self.block, self.task_entry = BLOCKS.get(spec.block), TASKS.get(spec.task)
@@ -86,9 +90,10 @@ class Sweep:
                         self.runs.append(Run(vary, c, depth, seed, determinants, digest(determinants), teacher))
         self._tasks: dict[str, Any] = {}
 
-    def run(self, on_run=None) -> dict:
+    def run(self, on_run=None, on_eval=None) -> dict:
         self.check()
         records = []
+        self.on_eval = on_eval
         found = {run.key: self.store.load(run.key) for run in self.runs}  # each record read and checked once
         with Progress(self.console) as progress:
             fresh = {} if self.spec.engine == "plain" else self.train_together(found, progress)
@@ -157,8 +162,10 @@ class Sweep:
         bar = progress.add(run.label, total=cfg.steps)
         model = new_model(self.block, run.config, run.depth, run.seed, task)
         ckpt = self.store.checkpoint_path(run.key)
+        on_eval = self.on_eval and (lambda step, m: self.on_eval(step, [(run.depth, run.seed, m)]))
         outcome = train(model, task, cfg, seed=run.seed, depth=run.depth, checkpoint=ckpt,
-                        on_log=lambda step, loss: progress.update(bar, completed=step, info=f"loss {loss:.4g}"))
+                        on_log=lambda step, loss: progress.update(bar, completed=step, info=f"loss {loss:.4g}"),
+                        on_eval=on_eval)
         progress.remove(bar)
         return self.save(run, model, outcome, {"name": "plain"}), model
 
@@ -210,7 +217,9 @@ class Sweep:
 
         compiled = compile_steps(self.spec.compile, jobs[0].cfg.steps)
         try:
-            outcomes = train_batched(jobs, on_log, compiled=compiled)
+            on_eval = self.on_eval and (lambda step, ms: self.on_eval(step, [(r.depth, r.seed, m) for (r, _), m
+                                                                              in zip(todo, ms) if m is not None]))
+            outcomes = train_batched(jobs, on_log, compiled=compiled, on_eval=on_eval)
         finally:
             progress.remove(bar)
         engine = {"name": "batched", "runs": len(jobs), "wall_s": round(sum(o.train_s for o in outcomes), 3),

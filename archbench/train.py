@@ -158,7 +158,8 @@ def autocast_for(device: torch.device, precision: str):
 
 
 def train(model: torch.nn.Module, task: Task, cfg: TrainConfig, *, seed: int, depth: int,
-          checkpoint: Path | None = None, on_log: Callable[[int, float], None] | None = None) -> Outcome:
+          checkpoint: Path | None = None, on_log: Callable[[int, float], None] | None = None,
+          on_eval: Callable[[int, dict], None] | None = None) -> Outcome:
     device = task.device
     model.to(device).train()
     lr = scaled_lr(cfg, depth)
@@ -205,7 +206,10 @@ def train(model: torch.nn.Module, task: Task, cfg: TrainConfig, *, seed: int, de
             if on_log:
                 on_log(done, value)
         if evaluates_at(cfg, done):
-            evals.append([done, held_out(task, model, cfg)["loss"]])
+            metrics = held_out(task, model, cfg)
+            evals.append([done, metrics["loss"]])
+            if on_eval:  # a search's pruner reads the held-out metrics along the way (and may stop the run)
+                on_eval(done, metrics)
         if checkpoint is not None and cfg.checkpoint_every and done % cfg.checkpoint_every == 0 and done < cfg.steps:
             _save_checkpoint(checkpoint, model, opt, sched, gen, done, history, evals, time.perf_counter() - t0)
 

@@ -30,9 +30,13 @@ def add_arguments(p):
                    help="block whose default configuration is trial 0 and sets the budget (default: residual; "
                         "'none' for no baseline trial)")
     p.add_argument("--workers", type=int, default=1, help="worker processes on this machine (default: 1)")
-    p.add_argument("--pruner", default="median", choices=["median", "none"],
-                   help="single-objective studies: stop trials whose intermediate value is worse than the median")
+    p.add_argument("--pruner", default="median", choices=["median", "hyperband", "sha", "none"],
+                   help="single-objective studies: median stops a trial behind the median after a depth; hyperband "
+                        "and sha (successive halving) rank trials on held-out metrics along training steps")
     p.add_argument("--seed", type=int, default=0, help="sampler seed (default: 0)")
+    p.add_argument("--confirm", type=int, default=0, metavar="SEEDS",
+                   help="after the trials, re-run the best ones (the Pareto front) and the baseline with SEEDS (>= 3) "
+                        "seeds at the preset's steps and compare each objective with the baseline's (default: 0, no)")
     p.add_argument("--preset", default="quick", help="budget of every trial's eval: smoke, quick, paper")
     p.add_argument("--depths", type=str, default=None, help="effective depths of every trial (default: preset's)")
     p.add_argument("--seeds", type=int, default=None, help="seeds per depth (default: preset's)")
@@ -62,7 +66,29 @@ def run(args) -> int:
     out.print(best_table(result))
     for line in summary_lines(result, spec):
         out.print(line, soft_wrap=True)
+    if args.confirm:
+        from archbench.search.confirm import confirm
+
+        for line in confirmation_lines(confirm(spec, result, args.confirm, console=err)):
+            out.print(line, soft_wrap=True)
     return 0
+
+
+def confirmation_lines(c: dict) -> list[str]:
+    lines = [f"confirmed with {c['seeds']} seeds against the baseline (trial {c['baseline']}), each difference "
+             f"with its paired bootstrap 95 % interval:"]
+    for t in c["trials"]:
+        parts = []
+        for o, v in t["objectives"].items():
+            ci = f" [{v['ci95'][0]:+.4g}, {v['ci95'][1]:+.4g}]" if v.get("ci95") else ""
+            parts.append(f"{o} {v['diff']:+.4g}{ci}: {v['verdict']}" if "diff" in v else f"{o}: {v['verdict']}")
+        lines.append(f"  trial {t['number']} {t['block']}: " + "; ".join(parts))
+    if not c["trials"]:
+        lines.append("  no trial besides the baseline among the best: nothing to confirm")
+    wins = [t["number"] for t in c["trials"] if t["win"]]
+    lines.append("beat the baseline (better on an objective beyond the noise, worse on none): "
+                 + (", ".join(f"trial {n}" for n in wins) if wins else "none") + f"; details in {c['file']}")
+    return lines
 
 
 def trial_line(t, objectives) -> str:

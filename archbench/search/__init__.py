@@ -18,10 +18,12 @@ budget; each trial is an ``archbench eval`` depth sweep, scored by the objective
   k on hop-induction, minimise) and ``lm-loss`` (held-out loss on lm-char, minimise). A trial runs one
   depth sweep per task its objectives need, each at the study's preset and sized to the baseline's
   budget on that task. Several objectives make a multi-objective study whose answer is the Pareto front.
-- **Pruning.** In a single-objective study each trial reports the objective computed on the depths
-  finished so far (the depths train in increasing order, one run at a time), and Optuna's pruner
-  stops trials that are hopeless at that depth. Multi-objective studies are not pruned (Optuna has no
-  pruner for them), so their trials train all depths together with the batched engine.
+- **Pruning.** In a single-objective study, ``median`` has each trial report the objective on the
+  depths finished so far (the depths train in increasing order, one run at a time) and stops trials
+  that are hopeless at that depth; ``hyperband`` and ``sha`` take training steps as the resource: the
+  depths train together, evaluate every ``train.eval_every`` steps, and each evaluation reports the
+  objective at that step. Multi-objective studies are not pruned (Optuna has no pruner for them), so
+  their trials train all depths together with the batched engine.
 - **Failures are data.** A trial that diverges, runs out of memory, exceeds the budget or raises is
   marked FAIL with the reason in its ``failure`` attribute, and the study goes on.
 - **Storage and resume.** A SQLite file under the runs directory by default; the study keeps the

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import dataclasses
 
+import numpy as np
+
 from archbench.errors import UsageError, unknown
 from archbench.records import RunRecord
 
@@ -76,6 +78,28 @@ def intermediate_value(name: str, runs: list[RunRecord], task) -> float | None:
 
         return AlphaEll(n_boot=0).evaluate_sweep(runs, task).get("value")
     return None
+
+
+STEPWISE = ("alpha", "loss", "lm-loss", "compose")  # objectives with a value along training (step pruners)
+
+
+def stepwise_value(name: str, points: list[tuple[int, int, dict]], deepest: int, headline: str | None) -> float | None:
+    """The objective at one training step from the held-out metrics ``(depth, seed, metrics)`` of the runs
+    evaluated then; None until the depths it reads are there (the largest; for alpha two or more)."""
+    if name == "alpha":
+        by_depth: dict[int, list[float]] = {}
+        for depth, _, m in points:
+            by_depth.setdefault(depth, []).append(float(m["loss"]))
+        if len(by_depth) < 2 or min(min(v) for v in by_depth.values()) <= 0:
+            return None
+        x = np.log(sorted(by_depth))
+        y = np.log([np.mean(by_depth[d]) for d in sorted(by_depth)])
+        return float(-np.polyfit(x, y, 1)[0])  # −slope of log loss on log depth: α_ℓ's fit without a floor
+    if not any(depth == deepest for depth, _, _ in points):
+        return None
+    runs = [{"depth": depth, "status": "ok", "final_loss": float(m["loss"]), "eval": m, "metrics": {}}
+            for depth, _, m in points]
+    return objective_value(name, {"metrics": {}, "runs": runs}, headline)
 
 
 def parse_objectives(text: str) -> list[str]:

@@ -39,7 +39,7 @@ class SearchSpec:
     sets: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
     budget: typing.Literal["params", "flops", "none"] = "params"
     baseline: str | None = "residual"
-    pruner: typing.Literal["median", "none"] = "median"
+    pruner: typing.Literal["median", "hyperband", "sha", "none"] = "median"
     seed: int = 0
     device: str = "auto"
     runs_dir: str = "runs"
@@ -113,15 +113,29 @@ def search_config(spec: SearchSpec, space: Space) -> dict:
             "space": space.to_json()}
 
 
-def open_study(spec: SearchSpec, space: Space, storage=None) -> optuna.Study:
+STEP_PRUNERS = ("hyperband", "sha")  # their resource is training steps (held-out metrics every train.eval_every)
+
+
+def make_pruner(spec: SearchSpec, first_step: int = 1) -> optuna.pruners.BasePruner:
+    """``--pruner``: median (resource: depths finished), Hyperband or successive halving (resource: training
+    steps, from the first in-training evaluation on), none; multi-objective studies are not pruned."""
+    if len(spec.objectives) > 1 or spec.pruner == "none":
+        return optuna.pruners.NopPruner()
+    if spec.pruner == "median":
+        return optuna.pruners.MedianPruner(n_startup_trials=4, n_warmup_steps=1)
+    if spec.pruner == "hyperband":
+        return optuna.pruners.HyperbandPruner(min_resource=first_step, max_resource="auto", reduction_factor=3)
+    return optuna.pruners.SuccessiveHalvingPruner(min_resource=first_step, reduction_factor=3)
+
+
+def open_study(spec: SearchSpec, space: Space, storage=None, pruner=None) -> optuna.Study:
     directions = [OBJECTIVES[o].direction for o in spec.objectives]
     storage = storage or open_storage(spec.storage_url)
     with warnings.catch_warnings():  # multivariate/group (conditional spaces) are marked experimental
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         sampler = optuna.samplers.TPESampler(seed=spec.seed, multivariate=True, group=True, constant_liar=True,
                                              n_startup_trials=min(10, max(2, spec.trials // 3)))
-    pruner = (optuna.pruners.MedianPruner(n_startup_trials=4, n_warmup_steps=1)
-              if spec.pruner == "median" and len(directions) == 1 else optuna.pruners.NopPruner())
+    pruner = pruner or make_pruner(spec)
     optuna.logging.set_verbosity(optuna.logging.ERROR)  # archbench prints its own line per trial
     study = optuna.create_study(storage=storage, study_name=spec.study_name, directions=directions,
                                 sampler=sampler, pruner=pruner, load_if_exists=True)

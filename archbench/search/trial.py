@@ -15,9 +15,9 @@ from archbench.errors import UsageError
 from archbench.registry import TASKS
 from archbench.search.budget import fit_width, measure
 from archbench.search.failures import FAILURE, TrialFailed
-from archbench.search.objectives import OBJECTIVES, intermediate_value, objective_value
+from archbench.search.objectives import OBJECTIVES, STEPWISE, intermediate_value, objective_value, stepwise_value
 from archbench.search.space import Space, sample
-from archbench.search.study import SearchSpec
+from archbench.search.study import STEP_PRUNERS, SearchSpec, make_pruner
 
 
 @dataclasses.dataclass
@@ -53,13 +53,24 @@ class TrialRunner:
 
         self.spec, self.space, self.console = spec, space, console
         self.sweeps = sweeps(spec)
-        # a pruned study needs the depths one after another (the batched engine trains them together)
-        self.engine = "plain" if spec.pruner != "none" and len(spec.objectives) == 1 else "auto"
+        self.by_steps = spec.pruner in STEP_PRUNERS and len(spec.objectives) == 1
+        if spec.pruner in STEP_PRUNERS and len(spec.objectives) > 1:
+            raise UsageError(f"--pruner {spec.pruner}: Optuna prunes single-objective studies only; name one "
+                             f"--objective, or use --pruner none")
+        if self.by_steps and spec.objectives[0] not in STEPWISE:
+            raise UsageError(f"--pruner {spec.pruner}: objective {spec.objectives[0]} has no value during training "
+                             f"(those that do: {', '.join(STEPWISE)}); use --pruner median or none")
+        # the median pruner needs the depths one after another (the batched engine trains them together); the
+        # step pruners want them together, to read every depth at each step
+        self.engine = "plain" if spec.pruner == "median" and len(spec.objectives) == 1 else "auto"
+        self.eval_every = None
         for sw in self.sweeps:
             # the baseline's resolved config checks task, preset, --set and the objectives' evaluators up front
             ref = resolve_config(self._eval_spec(sw, spec.baseline or "residual", self._sets(sw, {})))
             sw.ref_width, sw.max_depth = ref.model["width"], max(ref.depths)
             sw.task_obj = make_task(TASKS.get(sw.task), ref.task, torch.device("cpu"))  # budget, headline metric
+            if self.by_steps and spec.objectives[0] in sw.objectives:
+                self.eval_every = ref.train["eval_every"] or max(1, ref.train["steps"] // 10)
             if spec.budget != "none":
                 sw.limit = measure(spec.baseline or "residual", ref, sw.max_depth, sw.task_obj, sw.ref_width,
                                    spec.budget)
@@ -74,11 +85,17 @@ class TrialRunner:
                         runs_dir=spec.runs_dir, plots=False, engine=self.engine)
 
     def _sets(self, sw: Sweep, sampled: dict) -> dict:
-        """--set values (task.* only on the study's own task), then the sampled ones."""
+        """--set values (task.* only on the study's own task), then the sampled ones; with a step pruner, the
+        objective's sweep evaluates along the way."""
         sets = {section: dict(values) for section, values in self.spec.sets.items() if sw.own or section != "task"}
         for section, values in sampled.items():
             sets.setdefault(section, {}).update(values)
+        if self.eval_every and self.spec.objectives[0] in sw.objectives:
+            sets.setdefault("train", {}).setdefault("eval_every", str(self.eval_every))
         return sets
+
+    def pruner(self):
+        return make_pruner(self.spec, self.eval_every or 1)
 
     def __call__(self, trial: optuna.Trial) -> list[float]:
         self._log(f"trial {trial.number} started by pid {os.getpid()} on {socket.gethostname()}")
@@ -125,8 +142,25 @@ class TrialRunner:
         trial.set_user_attr("eval", {"block": block, "sets": planned[0][1]})
         trial.set_user_attr("evals", evals)
         return [run_eval(self._eval_spec(sw, block, sets), console=self.console,
-                         on_run=lambda runs, task, sw=sw, seeds=config.seeds: self._report(trial, runs, task, seeds, sw))
+                         on_run=lambda runs, task, sw=sw, seeds=config.seeds: self._report(trial, runs, task, seeds, sw),
+                         on_eval=self._stepper(trial, sw, config))
                 for sw, sets, config in planned]
+
+    def _stepper(self, trial, sw: Sweep, config):
+        """With a step pruner: at each in-training evaluation, the objective on the held-out metrics of the
+        runs training then, reported at that step once every depth the objective reads is among them."""
+        if not (self.by_steps and self.spec.objectives[0] in sw.objectives):
+            return None
+        name, deepest = self.spec.objectives[0], max(config.depths)
+
+        def on_eval(step, points):
+            value = stepwise_value(name, points, deepest, sw.task_obj.headline_metric())
+            if value is not None and math.isfinite(value):
+                trial.report(value, step)
+                if trial.should_prune():
+                    raise optuna.TrialPruned(f"{name} {value:.4g} at step {step}")
+
+        return on_eval
 
     def _record(self, trial, results: list[dict]) -> None:
         """Where the trial's results and run records are, and a line per run."""
@@ -157,8 +191,9 @@ class TrialRunner:
         return values
 
     def _report(self, trial, runs, task, seeds, sw: Sweep):
-        """After each run: the objective on the depths finished so far, for the pruner."""
-        if len(self.spec.objectives) != 1 or len(runs) % seeds or self.spec.objectives[0] not in sw.objectives:
+        """After each run: the objective on the depths finished so far, for the median pruner."""
+        if (self.spec.pruner != "median" or len(self.spec.objectives) != 1 or len(runs) % seeds
+                or self.spec.objectives[0] not in sw.objectives):
             return
         value = intermediate_value(self.spec.objectives[0], runs, task)
         if value is not None and math.isfinite(value):

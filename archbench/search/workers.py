@@ -58,7 +58,7 @@ def _space(spec: SearchSpec) -> tuple[Space, dict]:
 
 
 def _work(spec: SearchSpec, space: Space, share: int, runner: TrialRunner, on_trial=None) -> None:
-    study = open_study(spec, space)
+    study = open_study(spec, space, pruner=runner.pruner())
     callbacks = [lambda s, t: on_trial(t)] if on_trial else []
     for _ in range(share):
         if counted(study) >= spec.trials:  # other machines on a shared database may have filled it

@@ -7,6 +7,7 @@ import pytest
 
 from archbench.registry import TASKS
 from archbench.search import intermediate_value, objective_value
+from archbench.search.objectives import stepwise_value
 
 
 def _run(depth, loss, later=None, error=None):
@@ -52,3 +53,29 @@ def test_objectives_on_other_tasks_run_their_own_sweep_at_the_same_budget(main, 
     assert t.user_attrs["budget"]["used"] == t.user_attrs["budget"]["limit"]
     assert t.user_attrs["budget:lm-char"]["used"] == t.user_attrs["budget:lm-char"]["limit"]
     assert "--task hop-induction" in r.stdout and "&& archbench eval --block residual --task lm-char" in r.stdout
+
+
+def test_stepwise_values_for_the_step_pruners():
+    points = [(d, seed, {"loss": 3.0 * d ** -1.5 * (1 + 0.1 * seed), "error_k8": 0.1 * seed}) for d in (2, 4, 8)
+              for seed in (0, 1)]
+    assert stepwise_value("alpha", points, 8, None) == pytest.approx(1.5)
+    assert stepwise_value("alpha", points[:2], 8, None) is None  # one depth: no slope yet
+    assert stepwise_value("loss", points, 8, None) == pytest.approx(3.0 * 8 ** -1.5 * 1.05)
+    assert stepwise_value("compose", points, 8, "error_k8") == pytest.approx(0.05)
+    assert stepwise_value("loss", points[:4], 8, None) is None  # the largest depth is not among them
+
+
+def test_step_pruners_report_held_out_values_at_training_steps(main, tmp_path, tiny, load_study):
+    runs = tmp_path / "runs"
+    r = main("search", *tiny, "--objective", "loss", "--pruner", "sha", "--trials", "3", "--runs-dir", runs)
+    assert r.returncode == 0, r.stderr
+    trials = load_study(f"sqlite:///{runs.resolve() / 'studies.db'}", "teacher-student-loss-smoke").get_trials()
+    reported = [t for t in trials if t.intermediate_values]
+    assert reported and all(set(t.intermediate_values) <= {3, 6, 9, 12, 15, 18, 21, 24, 27} for t in reported)
+    for t in trials:  # a finished trial's last report is the held-out loss of its deepest runs at step 27
+        if t.state.name == "COMPLETE" and t.intermediate_values:
+            assert max(t.intermediate_values) == 27 and t.user_attrs["eval"]["sets"]["train"]["eval_every"] == "3"
+    for args, needle in ((["--objective", "alpha,loss"], "single-objective"),
+                         (["--objective", "depth-to-solve"], "no value during training")):
+        r = main("search", *tiny, *args, "--pruner", "hyperband", "--runs-dir", runs)
+        assert r.returncode == 2 and needle in r.stderr and "Traceback" not in r.stderr, r.stderr

@@ -1,0 +1,91 @@
+"""Confirmation: the best trials (the Pareto front) and the baseline re-run at the preset's full budget
+with several seeds, each objective compared with the baseline's by ``archbench compare``'s paired
+bootstrap interval. A search finds candidates cheaply; only a difference whose interval excludes 0 here
+counts as a win."""
+
+from __future__ import annotations
+
+import json
+
+from archbench.compare import compare, compare_metric
+from archbench.config import EvalSpec
+from archbench.errors import UsageError
+from archbench.records import atomic_write
+from archbench.search.objectives import OBJECTIVES
+from archbench.search.study import SearchSpec
+
+# objectives a replicate interval exists for: (compare's metric, or None for α_ℓ)
+COMPARED = {"alpha": None, "loss": "loss", "lm-loss": "loss", "compose": "headline"}
+
+
+def confirm(spec: SearchSpec, summary: dict, seeds: int, console=None) -> dict:
+    """Re-run the summary's best trials and its baseline with ``seeds`` seeds and no ``train.steps``
+    override (the preset's budget); returns, and writes beside the study, each trial's objectives
+    against the baseline's with the interval of the difference and a verdict."""
+    from archbench.sweep import run_eval
+
+    if seeds < 3:
+        raise UsageError(f"--confirm {seeds}: a confirmation needs at least 3 seeds for an interval")
+    base = summary["baseline"]
+    if base is None:
+        raise UsageError("--confirm needs the study's baseline trial (run without --baseline none)")
+    rows = [base] + [r for r in summary["best"] if r["number"] != base["number"]]
+    results: dict[int, dict[str, str]] = {}
+    for row in rows:
+        results[row["number"]] = {}
+        for ev in row.get("evals") or [{**row["eval"], "task": spec.task, "preset": spec.preset}]:
+            sets = {s: {k: v for k, v in kv.items() if (s, k) != ("train", "steps")} for s, kv in ev["sets"].items()}
+            res = run_eval(EvalSpec(block=ev["block"], task=ev["task"], preset=ev["preset"], seeds=seeds, sets=sets,
+                                    depths=spec.depths if ev["task"] == spec.task else None, device=spec.device,
+                                    runs_dir=spec.runs_dir, plots=False), console=console)
+            results[row["number"]][ev["task"]] = res["files"]["result"]
+    out = {"study": spec.study_name, "seeds": seeds, "baseline": base["number"], "trials": []}
+    for row in rows[1:]:
+        against = {o: _against(o, spec, results[row["number"]], results[base["number"]]) for o in spec.objectives}
+        verdicts = [v["verdict"] for v in against.values()]
+        out["trials"].append({"number": row["number"], "block": row["block"], "knobs": row["knobs"],
+                              "results": results[row["number"]], "objectives": against,
+                              # a win: better on one objective at least, beyond the noise, and worse on none
+                              "win": any(v.startswith("better") for v in verdicts)
+                              and not any(v.startswith("worse") for v in verdicts)})
+    path = spec.study_dir / "confirmation.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(path, lambda f: f.write(json.dumps(out, indent=1).encode()))
+    out["file"] = str(path)
+    return out
+
+
+def _against(objective: str, spec: SearchSpec, mine: dict, base: dict) -> dict:
+    """The trial's objective minus the baseline's, with the paired bootstrap interval over seeds."""
+    task = OBJECTIVES[objective].task or spec.task
+    a, b = mine[task], base[task]
+    kind = COMPARED.get(objective, "none")
+    if kind == "none":
+        return {"verdict": "no replicate interval for this objective"}
+    if kind is None:
+        c = compare(a, b)["comparisons"][0]["alpha"]
+        return {"a": c["a"], "b": c["b"], "diff": c["diff"], "ci95": c["ci95"], "verdict": _verdict(objective, c["ci95"])}
+    metric = kind if kind != "headline" else _headline(task, a)
+    c = compare_metric(a, b, metric)
+    return {"metric": metric, "depth": c["a"]["depth"], "a": c["a"]["mean"], "b": c["b"]["mean"], "diff": c["diff"],
+            "ci95": c["ci95"], "verdict": _verdict(objective, c["ci95"])}
+
+
+def _headline(task: str, result_path: str) -> str:
+    import torch
+
+    from archbench.registry import TASKS
+    from archbench.sweep import make_task
+
+    result = json.loads(open(result_path).read())
+    return make_task(TASKS.get(task), result["config"]["task"], torch.device("cpu")).headline_metric()
+
+
+def _verdict(objective: str, ci) -> str:
+    if ci is None:
+        return "no interval"
+    better = "higher" if OBJECTIVES[objective].direction == "maximize" else "lower"
+    if ci[0] > 0 or ci[1] < 0:
+        higher = ci[0] > 0
+        return "better than the baseline" if (better == "higher") == higher else "worse than the baseline"
+    return "not distinguishable from the baseline (the interval covers 0)"
