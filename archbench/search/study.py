@@ -78,7 +78,7 @@ def open_storage(url: str, heartbeat: bool = True) -> optuna.storages.BaseStorag
     try:
         with warnings.catch_warnings():  # the heartbeat is marked experimental
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            storage = optuna.storages.RDBStorage(url, **kwargs)
+            storage = (_SQLiteStorage if url.startswith("sqlite:///") else optuna.storages.RDBStorage)(url, **kwargs)
     except ModuleNotFoundError as e:
         raise UsageError(f"--storage {url!r}: the database driver is missing ({e.name}); "
                          f"install it with: pip install 'archbench[postgres]'") from None
@@ -87,23 +87,25 @@ def open_storage(url: str, heartbeat: bool = True) -> optuna.storages.BaseStorag
         if "import" in first.lower():
             first += "; for PostgreSQL: pip install 'archbench[postgres]'"
         raise UsageError(f"--storage {url!r}: cannot open ({first})") from None
-    if url.startswith("sqlite:///"):
-        _lock_before_reading(storage.engine)
     return storage
 
 
-def _lock_before_reading(engine) -> None:
-    """Make every SQLite transaction take the write lock before it reads (BEGIN IMMEDIATE). Optuna moves a
-    queued trial to RUNNING by reading its state and then writing it, relying on SELECT ... FOR UPDATE,
-    which SQLite ignores: two workers could both read WAITING and run the same queued trial."""
-    import sqlalchemy
+class _SQLiteStorage(optuna.storages.RDBStorage):
+    """Optuna's RDB storage whose trial-state changes take a file lock beside the database. Optuna takes a
+    queued trial by reading WAITING, then writing RUNNING, relying on SELECT … FOR UPDATE, which SQLite
+    ignores: without the lock two workers could both take the same queued trial. (A lock around this
+    one call, not the whole database: a worker interrupted mid-transaction must not leave it locked.)"""
 
-    def no_implicit_begin(dbapi_connection, _record):
-        dbapi_connection.isolation_level = None  # the driver's own BEGIN would be deferred
+    def __init__(self, url: str, **kwargs):
+        super().__init__(url, **kwargs)
+        self._lock_path = url.removeprefix("sqlite:///") + ".lock"
 
-    sqlalchemy.event.listen(engine, "connect", no_implicit_begin)
-    sqlalchemy.event.listen(engine, "begin", lambda conn: conn.exec_driver_sql("BEGIN IMMEDIATE"))
-    engine.dispose()  # the connections Optuna opened while creating the schema predate the listeners
+    def set_trial_state_values(self, trial_id, state, values=None):
+        import fcntl
+
+        with open(self._lock_path, "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, or the process dies
+            return super().set_trial_state_values(trial_id, state, values)
 
 
 def search_config(spec: SearchSpec, space: Space) -> dict:
