@@ -132,6 +132,8 @@ def summary_lines(result, spec) -> list[str]:
                      f"(same budget): " + (", ".join(f"trial {n}" for n in beats) if beats else "none"))
     for r in result["best"][:3]:
         lines.append(f"reproduce trial {r['number']}: {eval_command(r, spec)}")
+    if result.get("figures"):
+        lines.append("figures: " + ", ".join(result["figures"]))
     lines.append(f"trials' training time: {result['wall_s']:.0f} s; watch the study with: "
                  f"optuna-dashboard {result['storage']}")
     return lines

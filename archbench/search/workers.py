@@ -18,6 +18,7 @@ from optuna.trial import TrialState
 from archbench.errors import ArchbenchError, UsageError
 from archbench.registry import BLOCKS
 from archbench.search.failures import TrialFailed
+from archbench.search.figures import write_figures
 from archbench.search.results import summary
 from archbench.search.space import Space, build_space, only_buildable
 from archbench.search.study import SearchSpec, counted, enqueue_baseline, open_storage, open_study, resume
@@ -49,7 +50,8 @@ def run_search(spec: SearchSpec, console=None, on_trial: Callable | None = None)
             _work(spec, space, remaining, runner, on_trial)
         else:
             _spawn(spec, remaining, on_trial)
-    return summary(open_study(spec, space), spec)
+    study = open_study(spec, space)
+    return {**summary(study, spec), "figures": write_figures(study, spec)}
 
 
 def _space(spec: SearchSpec) -> tuple[Space, dict]:

@@ -25,6 +25,7 @@ def test_confirmation_reruns_the_front_at_full_budget_and_compares_with_interval
         assert result["config"]["train"]["steps"] == 150  # the smoke preset's, not the search's 30
         assert sorted({run["seed"] for run in result["runs"]}) == [0, 1, 2]
     assert "beat the baseline (better on an objective beyond the noise, worse on none):" in r.stdout
+    assert (runs / "studies/teacher-student-loss-smoke/history.png").stat().st_size > 1000 and "figures:" in r.stdout
     r = main("search", *tiny, "--objective", "loss", "--pruner", "none", "--trials", "2", "--confirm", "2",
              "--runs-dir", runs)
     assert r.returncode == 2 and "at least 3 seeds" in r.stderr and "Traceback" not in r.stderr

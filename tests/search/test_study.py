@@ -81,3 +81,15 @@ def test_interrupted_trial_is_queued_again_and_records_reused(tmp_path, load_stu
         retry = [t for t in trials if t.user_attrs.get("retry_of") == lost]
         assert len(retry) == 1 and retry[0].params["block"] == block and retry[0].state.name == "COMPLETE"
     assert first.user_attrs["baseline"] and first.state.name == "COMPLETE"
+
+
+def test_pareto_front_and_hypervolume_figures(tmp_path):
+    from archbench.search.figures import write_figures
+
+    spec = SearchSpec(objectives=["compose", "lm-loss"], runs_dir=str(tmp_path), study="fig")
+    study = optuna.create_study(directions=["minimize", "minimize"])
+    assert write_figures(study, spec) == []  # nothing to draw before two trials are complete
+    study.optimize(lambda t: (t.suggest_float("a", 0, 1), 1 - t.suggest_float("b", 0, 1) ** 2), n_trials=6)
+    paths = write_figures(study, spec)
+    assert [p.rsplit("/", 1)[1] for p in paths] == ["pareto-front.png", "hypervolume.png"]
+    assert all((tmp_path / "studies/fig" / p.rsplit("/", 1)[1]).stat().st_size > 1000 for p in paths)
