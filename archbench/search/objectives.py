@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import dataclasses
 
-import numpy as np
-
 from archbench.errors import UsageError, unknown
 from archbench.records import RunRecord
 
@@ -86,15 +84,13 @@ STEPWISE = ("alpha", "loss", "lm-loss", "compose")  # objectives with a value al
 def stepwise_value(name: str, points: list[tuple[int, int, dict]], deepest: int, headline: str | None) -> float | None:
     """The objective at one training step from the held-out metrics ``(depth, seed, metrics)`` of the runs
     evaluated then; None until the depths it reads are there (the largest; for alpha two or more)."""
-    if name == "alpha":
-        by_depth: dict[int, list[float]] = {}
-        for depth, _, m in points:
-            by_depth.setdefault(depth, []).append(float(m["loss"]))
-        if len(by_depth) < 2 or min(min(v) for v in by_depth.values()) <= 0:
+    if name == "alpha":  # α_ℓ's own fit, without a floor; None until two depths are there
+        from archbench.evaluators.alpha_ell import fit_power_law
+
+        try:
+            return fit_power_law([d for d, _, _ in points], [float(m["loss"]) for _, _, m in points])["alpha"]
+        except ValueError:
             return None
-        x = np.log(sorted(by_depth))
-        y = np.log([np.mean(by_depth[d]) for d in sorted(by_depth)])
-        return float(-np.polyfit(x, y, 1)[0])  # −slope of log loss on log depth: α_ℓ's fit without a floor
     if not any(depth == deepest for depth, _, _ in points):
         return None
     runs = [{"depth": depth, "status": "ok", "final_loss": float(m["loss"]), "eval": m, "metrics": {}}
