@@ -62,13 +62,25 @@ class CausalSelfAttention(nn.Module):
         self.proj = nn.Linear(dim, dim, bias=bias)
         self.gate = {"none": None, "head": nn.Linear(dim, heads), "channel": nn.Linear(dim, dim)}[gate]
 
-    def forward(self, x, values=None):
-        """``values(v) -> v`` may replace the values (B, T, H, Dh) before attending (value residuals)."""
+    def forward(self, x, values=None, kv=None, keys=None):
+        """``values(v) -> v`` may replace the values (B, T, H, Dh) before attending (value residuals);
+        ``kv = (xk, xv)`` gives keys and values their own inputs (MUDDFormer's streams); ``keys`` (B, T)
+        bool keeps only those keys, each query still seeing itself (Mixture-of-Depths' routed tokens)."""
         B, T, C = x.shape
-        q, k, v = self.qkv(x).view(B, T, 3, self.heads, C // self.heads).unbind(2)  # each (B, T, H, Dh)
+        if kv is None:
+            q, k, v = self.qkv(x).view(B, T, 3, self.heads, C // self.heads).unbind(2)  # each (B, T, H, Dh)
+        else:
+            biases = self.qkv.bias.chunk(3) if self.qkv.bias is not None else (None,) * 3
+            q, k, v = (F.linear(t, w, b).view(B, T, self.heads, C // self.heads)
+                       for t, w, b in zip((x, *kv), self.qkv.weight.chunk(3), biases))
         if values is not None:
             v = values(v)
-        if self.backend == "xformers" and x.is_cuda and _xformers_ops() is not None:
+        if keys is not None:
+            causal = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
+            mask = (causal & keys.unsqueeze(1)) | torch.eye(T, dtype=torch.bool, device=x.device)
+            y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                               attn_mask=mask.unsqueeze(1)).transpose(1, 2)
+        elif self.backend == "xformers" and x.is_cuda and _xformers_ops() is not None:
             xops = _xformers_ops()
             y = xops.memory_efficient_attention(q, k, v, attn_bias=xops.LowerTriangularMask())
         else:

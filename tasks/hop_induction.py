@@ -65,6 +65,13 @@ class HopInduction(SequenceTask):
                   "model": {"width": 64}, "block": {"heads": 4},
                   "train": {"steps": 3000, "batch_size": 64, "lr": 1e-3, "schedule": "cosine", "warmup_frac": 0.05,
                             "eval_every": 500}},
+        # One trial of the default search (`archbench search --preset search`): the quick budget at its
+        # deepest model only, one seed (the objectives read the deepest model; confirmation adds seeds).
+        "search": {"depths": [4], "seeds": 1,
+                   "task": {"seq_len": 48, "max_hops": 8, "eval_per_k": 64},
+                   "model": {"width": 64}, "block": {"heads": 4},
+                   "train": {"steps": 3000, "batch_size": 64, "lr": 1e-3, "schedule": "cosine", "warmup_frac": 0.05,
+                             "eval_every": 500}},
         # The authors' run (App. G, d = 128 with 4 heads): depths 2-6, 100k steps of batch 32, Adam at 1e-4
         # after 1,000 warm-up steps, then constant; fp32, since nothing says they trained in lower precision.
         "paper": {"depths": [2, 3, 4, 5, 6], "seeds": 1,

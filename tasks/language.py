@@ -102,6 +102,9 @@ class CharLM(TextLM):
                   "model": {"width": 32}, "train": {"steps": 60, "batch_size": 16, "lr": 3e-3}},
         "quick": {"depths": [3, 6, 12], "seeds": 1, "task": {"seq_len": 64}, "model": {"width": 64},
                   "train": {"steps": 1500, "batch_size": 32, "lr": 2e-3, "schedule": "cosine", "warmup_frac": 0.05}},
+        # one trial of the default search: one depth, one seed, about 1.5 minutes on one CPU core
+        "search": {"depths": [4], "seeds": 1, "task": {"seq_len": 64}, "model": {"width": 64},
+                   "train": {"steps": 1000, "batch_size": 32, "lr": 2e-3, "schedule": "cosine", "warmup_frac": 0.05}},
         "paper": {"depths": [3, 6, 12, 24], "seeds": 1, "task": {"seq_len": 256}, "model": {"width": 256},
                   "train": {"steps": 20_000, "batch_size": 64, "lr": 1e-3, "schedule": "cosine", "warmup_frac": 0.02}},
     }

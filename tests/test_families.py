@@ -272,3 +272,81 @@ def test_rk2_student_block_is_the_midpoint_step():
     mid = x + 0.5 * branch(block.mlp1, x)
     assert torch.allclose(block(x), x + branch(block.mlp2, mid), atol=1e-6)
     assert torch.equal(ResidualMLPRK2(8, 0, 1)(x), x)
+
+
+@pytest.mark.parametrize("kw", [{}, {"ways": "r"}, {"dynamic": False}])
+def test_muddformer_at_init_is_the_plain_prenorm_stack(kw):
+    model = make("muddformer", depth=4, **kw)
+    for layer in model.effective_layers():
+        randomize(layer.branch, seed=len(layer.branch.state_dict()))
+    for l, norms in enumerate(model.body.kv_norms or [], start=1):  # keys' and values' norms as the queries'
+        for norm in norms:
+            norm.load_state_dict(model.body.layers[l].branch.norm1.state_dict())
+    randomize(model.embed)
+    randomize(model.readout)
+    x = tokens()
+    mine, theirs = trace(model, x), trace(plain_twin(model, 4), x)
+    assert torch.allclose(mine.logits, theirs.logits, atol=1e-5)
+    for a, b in zip(mine.states, theirs.states):
+        assert torch.allclose(a, b, atol=1e-5)
+    assert [m.ways for m in model.body.mixes] == ([1] * 4 if kw.get("ways") == "r" else [4, 4, 4, 1])
+
+
+def test_muddformer_reads_queries_keys_values_and_residual_from_their_own_mixes():
+    model = make("muddformer", depth=2, dynamic=False)
+    randomize(model)
+    stack, h0 = model.body, model.embed(tokens())
+    with torch.no_grad():  # after block 0: queries from its output, keys and values the embedding, residual the sum
+        stack.mixes[0].static.copy_(torch.tensor([[0.0, 1.0], [1.0, 0.0], [1.0, 0.0], [1.0, 1.0]]))
+    b0, b1 = stack.layers[0].branch, stack.layers[1].branch
+    x1 = h0 + b0(h0)
+    q, kv, r = x1, h0, h0 + x1
+    kn, vn = stack.kv_norms[0]
+    a = b1.attn(b1.norm1(q), kv=(kn(kv), vn(kv)))
+    x2 = r + a + b1.mlp(b1.norm2(r + a))
+    w = stack.mixes[1].static[0]
+    assert torch.allclose(stack(h0), w[0] * h0 + w[1] * x1 + w[2] * x2, atol=1e-5)
+
+
+def test_muddformer_weights_are_per_position_and_causal():
+    model = make("muddformer", depth=3)
+    randomize(model)  # dynamic weights on: they depend on each position's own state
+    x = tokens()
+    y = x.clone()
+    y[:, 4:] = (y[:, 4:] + 1) % 11
+    assert torch.allclose(model(x)[:, :4], model(y)[:, :4], atol=1e-6)
+    assert not torch.allclose(model(x)[:, 4:], model(y)[:, 4:], atol=1e-3)
+
+
+def test_mixture_of_depths_routes_a_causal_capacity_and_passes_the_rest_unchanged():
+    model = make("mixture-of-depths", depth=4, capacity=0.3)
+    randomize(model)
+    stack = model.body
+    assert stack.routed == [False, True, False, True]
+    h = torch.randn(5, 20, WIDTH, generator=torch.Generator().manual_seed(3))
+    r, chosen = stack.route(1, h)
+    for i in range(20):  # token i goes through when fewer than 0.3 (i + 1) of tokens 0..i score higher
+        above = (r[:, :i + 1] > r[:, i:i + 1]).sum(-1)
+        assert torch.equal(chosen[:, i], above < 0.3 * (i + 1))
+    assert 0.2 < chosen.float().mean() < 0.45 and chosen[:, 0].all()
+    seen = {}
+    model.body.layers[1].register_forward_hook(lambda m, i, o: seen.setdefault("block", o))
+    trace_ = trace(model, tokens(seq=7))
+    h_in, h_out = trace_.states[1], trace_.states[2]
+    _, picked = stack.route(1, h_in)
+    assert torch.equal(h_in[~picked], h_out[~picked]) and not torch.allclose(h_in[picked], h_out[picked])
+
+
+def test_mixture_of_depths_is_causal_and_at_full_capacity_a_router_scaled_block():
+    model = make("mixture-of-depths", depth=2, capacity=0.125)
+    randomize(model)
+    x = tokens()
+    y = x.clone()
+    y[:, 4:] = (y[:, 4:] + 1) % 11  # later tokens change: earlier outputs, routes included, do not
+    assert torch.allclose(model(x)[:, :4], model(y)[:, :4], atol=1e-6)
+    full = make("mixture-of-depths", depth=2, capacity=1.0)
+    full.load_state_dict(model.state_dict())
+    h = full.embed(x)
+    b, w = full.body.layers, full.body.routers["1"].weight
+    h1 = b[0](h)
+    assert torch.allclose(full.body(h), h1 + (h1 @ w.T) * b[1].branch(h1), atol=1e-5)
