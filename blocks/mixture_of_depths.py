@@ -17,11 +17,12 @@ from archbench.nn import PreNormBlock
                           citation="Raposo et al. 2024, Mixture-of-Depths: Dynamically allocating compute in "
                                    "transformer-based language models (arXiv 2404.02258)")
 class MixtureOfDepths(Stack):
-    """Pre-norm blocks; every ``every``-th one (blocks every−1, 2·every−1, …: the paper's every other
-    block by default) is routed. Its router scores each token, rᵢ = w·xᵢ; the ``capacity`` fraction of
-    tokens with the highest scores go through the block, attending only to each other, and become
-    xᵢ + rᵢ·u(xᵢ) (the raw router weight, so the router learns through the output); the rest pass
-    unchanged.
+    """Pre-norm blocks, every other one routed: only the tokens its router scores highest go through it.
+
+    Every ``every``-th block (blocks every−1, 2·every−1, …) has a router rᵢ = w·xᵢ; the ``capacity``
+    fraction of tokens with the highest scores go through the block, attending only to each other, and
+    become xᵢ + rᵢ·u(xᵢ) (the raw router weight, so the router learns through the output); the rest
+    pass unchanged.
 
     Routing is causal, unlike the paper's top-k over the whole sequence (where whether a token is
     processed depends on later tokens' scores, which would leak the future into a language model's
