@@ -54,6 +54,7 @@ class EvalSpec:
     engine: str = "auto"
     # the batched engine through torch.compile: auto (batches of COMPILE_MIN_STEPS steps or more), on, off
     compile: str = "auto"
+    ray: str | None = None  # a Ray cluster's address: train the runs there, one task each (archbench.cluster)
 
 
 @dataclasses.dataclass

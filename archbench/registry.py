@@ -125,8 +125,11 @@ register_task = TASKS.register
 register_evaluator = EVALUATORS.register
 
 
+PLUGIN_FILES: list[str] = []  # the plugin files this process loaded, for workers elsewhere (archbench.cluster)
+
+
 def load_plugin_file(path: str | Path) -> None:
-    """Import a user's plugin file so that its decorators register their entries."""
+    """Import a user's plugin file so that its decorators register their entries (once per process)."""
     path = Path(path)
     if path.is_dir():
         raise UsageError(f"--plugins {str(path)!r} is a folder; give the plugin's .py file")
@@ -136,6 +139,8 @@ def load_plugin_file(path: str | Path) -> None:
     for reg in REGISTRIES.values():
         reg._load()
     mod_name = "archbench_plugin_" + hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:12]
+    if mod_name in sys.modules:
+        return
     spec = importlib.util.spec_from_file_location(mod_name, path)
     module = importlib.util.module_from_spec(spec)
     sys.modules[mod_name] = module
@@ -145,6 +150,8 @@ def load_plugin_file(path: str | Path) -> None:
         del sys.modules[mod_name]
         line = _error_line(e, path)
         raise ArchbenchError(f"plugin {str(path)!r} failed to import: {type(e).__name__}: {e}{line}") from None
+    if str(path.resolve()) not in PLUGIN_FILES:
+        PLUGIN_FILES.append(str(path.resolve()))
 
 
 def _qualname(obj) -> str:

@@ -29,8 +29,8 @@ from archbench.errors import ArchbenchError, UsageError, unknown
 from archbench.evaluator import point_label
 from archbench.model import StreamModel, build_model, check_stream_shapes
 from archbench.progress import Progress
-from archbench.records import (RunRecord, RunStore, digest, read_checkpoint, remove_stale_temporaries, run_spec,
-                               set_aside, write_json)
+from archbench.records import (RunRecord, RunStore, atomic_write, digest, read_checkpoint, remove_stale_temporaries,
+                               run_spec, set_aside, write_json)
 from archbench.registry import BLOCKS, EVALUATORS, TASKS, Entry
 from archbench.train import Outcome, TrainConfig, train
 
@@ -96,7 +96,10 @@ class Sweep:
         self.on_eval = on_eval
         found = {run.key: self.store.load(run.key) for run in self.runs}  # each record read and checked once
         with Progress(self.console) as progress:
-            fresh = {} if self.spec.engine == "plain" else self.train_together(found, progress)
+            if self.spec.ray:
+                fresh = self.train_on_ray(found, progress)
+            else:
+                fresh = {} if self.spec.engine == "plain" else self.train_together(found, progress)
             bar = progress.add("sweep", total=len(self.runs), unit="run")
             for run in self.runs:
                 record, model = self.record_of(run, found, fresh, progress)
@@ -195,6 +198,40 @@ class Sweep:
                         raise UsageError(f"--engine batched: these runs cannot be trained together: {e}; "
                                          f"use --engine plain") from None
                     self.console.print(f"[dim]training one run at a time: {e}[/]")
+        return fresh
+
+    def train_on_ray(self, found: dict, progress: Progress) -> dict[str, tuple[RunRecord, None]]:
+        """Train the uncached runs as tasks on the Ray cluster at ``--ray`` (archbench.cluster), writing each
+        record and its weights here as it arrives; returns {key: (record, None)}."""
+        from archbench import cluster
+
+        if self.spec.engine == "batched":
+            raise UsageError("--engine batched trains runs together in one process; with --ray each run is a "
+                             "task of its own: leave --engine at auto")
+        cluster.connect(self.spec.ray)
+        fresh = {}
+        with contextlib.ExitStack() as held:
+            todo = []
+            for run in self.runs:
+                if found[run.key] is None and held.enter_context(self.store.claim(run.key, wait=False)):
+                    found[run.key] = self.store.load(run.key)  # finished since we looked?
+                    if found[run.key] is None:
+                        todo.append(run)
+            if not todo:
+                return fresh
+            bar = progress.add(f"{len(todo)} runs on the Ray cluster", total=len(todo), unit="run")
+
+            def done(run: Run, data: dict, weights: bytes):
+                record = RunRecord.from_json(data, run.key)
+                atomic_write(self.store.weights_path(run.key), lambda f: f.write(weights))
+                self.store.save(record)
+                fresh[run.key] = (record, None)
+                progress.update(bar, advance=1)
+
+            try:
+                cluster.train_runs(self, todo, done)
+            finally:
+                progress.remove(bar)
         return fresh
 
     def train_batch(self, todo: list[tuple[Run, dict | None]], progress: Progress) -> dict:

@@ -39,6 +39,9 @@ def add_arguments(p):
     p.add_argument("--compile", choices=["auto", "on", "off"], default="auto",
                    help="batched engine: torch.compile the training step (fused kernels; seconds to compile per "
                         "model shape); auto: for runs of 2000 steps or more")
+    p.add_argument("--ray", default=None, metavar="ADDRESS",
+                   help="train the runs on a Ray cluster, one task each: auto (the cluster this machine is in), "
+                        "HOST:6379 or ray://HOST:10001; records and results are written here as usual")
     p.add_argument("--runs-dir", default="runs", help="where run records and results go (default: ./runs)")
     p.add_argument("--out", default=None, help="result JSON path (plots are written beside it)")
 
@@ -55,7 +58,7 @@ def run(args) -> int:
                     sets=parse_sets(args.sets),
                     evaluators=[e for e in args.evaluators.split(",") if e] if args.evaluators else None,
                     device=args.device, runs_dir=args.runs_dir, out=args.out, engine=args.engine,
-                    compile=args.compile)
+                    compile=args.compile, ray=args.ray)
     err = Console(stderr=True, highlight=False)
     result = run_eval(spec, console=err)
 

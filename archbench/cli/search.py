@@ -29,7 +29,11 @@ def add_arguments(p):
     p.add_argument("--baseline", default="residual",
                    help="block whose default configuration is trial 0 and sets the budget (default: residual; "
                         "'none' for no baseline trial)")
-    p.add_argument("--workers", type=int, default=1, help="worker processes on this machine (default: 1)")
+    p.add_argument("--workers", type=int, default=1, help="worker processes on this machine, or tasks on the Ray "
+                   "cluster of --ray (default: 1)")
+    p.add_argument("--ray", default=None, metavar="ADDRESS",
+                   help="run the workers on a Ray cluster: auto, HOST:6379 or ray://HOST:10001 (the storage and "
+                        "--runs-dir must be reachable from its nodes: PostgreSQL, or a shared file system)")
     p.add_argument("--pruner", default="median", choices=["median", "hyperband", "sha", "none"],
                    help="single-objective studies: median stops a trial behind the median after a depth; hyperband "
                         "and sha (successive halving) rank trials on held-out metrics along training steps")
@@ -57,7 +61,8 @@ def run(args) -> int:
                       preset=args.preset, depths=int_list(args.depths) if args.depths else None,
                       seeds=args.seeds, sets=parse_sets(args.sets), budget=args.budget,
                       baseline=None if args.baseline == "none" else args.baseline, pruner=args.pruner,
-                      seed=args.seed, device=args.device, runs_dir=args.runs_dir, plugins=list(args.plugins))
+                      seed=args.seed, device=args.device, runs_dir=args.runs_dir, plugins=list(args.plugins),
+                      ray=args.ray)
     err = Console(stderr=True, highlight=False)
     err.print(f"study {spec.study_name} in {spec.storage_url}: {spec.trials} trials, objectives "
               f"{', '.join(spec.objectives)}, budget {spec.budget}, {spec.workers} worker(s)", soft_wrap=True)

@@ -37,7 +37,7 @@ def confirm(spec: SearchSpec, summary: dict, seeds: int, console=None) -> dict:
             sets = {s: {k: v for k, v in kv.items() if (s, k) != ("train", "steps")} for s, kv in ev["sets"].items()}
             res = run_eval(EvalSpec(block=ev["block"], task=ev["task"], preset=ev["preset"], seeds=seeds, sets=sets,
                                     depths=spec.depths if ev["task"] == spec.task else None, device=spec.device,
-                                    runs_dir=spec.runs_dir, plots=False), console=console)
+                                    runs_dir=spec.runs_dir, plots=False, ray=spec.ray), console=console)
             results[row["number"]][ev["task"]] = res["files"]["result"]
     out = {"study": spec.study_name, "seeds": seeds, "baseline": base["number"], "trials": []}
     for row in rows[1:]:

@@ -44,6 +44,7 @@ class SearchSpec:
     device: str = "auto"
     runs_dir: str = "runs"
     plugins: list[str] = dataclasses.field(default_factory=list)
+    ray: str | None = None  # a Ray cluster's address: the workers run there (archbench.cluster)
 
     @property
     def study_name(self) -> str:

@@ -46,7 +46,7 @@ def run_search(spec: SearchSpec, console=None, on_trial: Callable | None = None)
         enqueue_baseline(study, space, spec.baseline)
     remaining = spec.trials - counted(study)
     if remaining > 0:
-        if spec.workers == 1:
+        if spec.workers == 1 and not spec.ray:
             _work(spec, space, remaining, runner, on_trial)
         else:
             _spawn(spec, remaining, on_trial)
@@ -69,18 +69,25 @@ def _work(spec: SearchSpec, space: Space, share: int, runner: TrialRunner, on_tr
 
 
 def _worker_main(spec: SearchSpec, share: int, index: int, parent: int) -> None:
-    """One of ``--workers K`` processes (spawned, so CUDA is safe): its share of the trials."""
+    """One of ``--workers K`` processes on this machine (spawned, so CUDA is safe): its share of the trials."""
+    _stop_with(parent)
+    _worker(spec, share, index, threads=max(1, (os.cpu_count() or 1) // spec.workers))
+
+
+def _worker(spec: SearchSpec, share: int, index: int, threads: int = 1) -> None:
+    """A worker's loop, in a process of its own here or a Ray task (archbench.cluster): ``share`` trials,
+    its output in ``STUDY_DIR/worker-INDEX.log``."""
     import torch
 
-    _stop_with(parent)
     from archbench.registry import load_plugin_file
 
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // spec.workers))
+    torch.set_num_threads(threads)
     for path in spec.plugins:
         load_plugin_file(path)
     spec = dataclasses.replace(spec, seed=spec.seed + 1000 * (index + 1))  # workers draw different startups
     from rich.console import Console
 
+    spec.study_dir.mkdir(parents=True, exist_ok=True)
     with open(spec.study_dir / f"worker-{index}.log", "a", buffering=1) as log:
         sys.stdout = sys.stderr = log  # warnings and tracebacks go to the worker's log, not the terminal
         try:
@@ -88,6 +95,8 @@ def _worker_main(spec: SearchSpec, share: int, index: int, parent: int) -> None:
             _work(spec, space, share, TrialRunner(spec, space, Console(file=log, force_terminal=False, width=120)))
         except KeyboardInterrupt:  # the trial in hand is marked cut off; a rerun queues it again
             pass
+        finally:
+            sys.stdout, sys.stderr = sys.__stdout__, sys.__stderr__
 
 
 def _stop_with(parent: int) -> None:
@@ -102,20 +111,17 @@ def _stop_with(parent: int) -> None:
 
 
 def _spawn(spec: SearchSpec, remaining: int, on_trial=None) -> None:
-    """K processes split the remaining trials (exactly, so none is run twice or left over); this
-    process reports each trial as it ends."""
+    """K workers split the remaining trials (exactly, so none is run twice or left over): processes on this
+    machine, or tasks on the Ray cluster at ``--ray``; this process reports each trial as it ends."""
     spec.study_dir.mkdir(parents=True, exist_ok=True)
     shares = [remaining // spec.workers + (i < remaining % spec.workers) for i in range(spec.workers)]
-    ctx = multiprocessing.get_context("spawn")
-    procs = [ctx.Process(target=_worker_main, args=(spec, n, i, os.getpid()), daemon=False) for i, n in enumerate(shares) if n]
-    for p in procs:
-        p.start()
+    workers = _RayWorkers(spec, shares) if spec.ray else _LocalWorkers(spec, shares)
     storage = open_storage(spec.storage_url, heartbeat=False)
     seen: set[int] = {t.number for t in optuna.load_study(study_name=spec.study_name, storage=storage)
                       .get_trials(deepcopy=False, states=_ENDED)}
     try:
         while True:
-            alive = any(p.is_alive() for p in procs)
+            alive = workers.alive()
             study = optuna.load_study(study_name=spec.study_name, storage=storage)
             for t in study.get_trials(deepcopy=False, states=_ENDED):
                 if t.number not in seen:
@@ -126,10 +132,45 @@ def _spawn(spec: SearchSpec, remaining: int, on_trial=None) -> None:
                 break
             time.sleep(1.0)
     except KeyboardInterrupt:
-        for p in procs:
-            p.join(timeout=30)  # each worker got the same SIGINT and marks its trial cut off
+        workers.stop()
         raise
-    bad = [p.exitcode for p in procs if p.exitcode not in (0, None)]
-    if bad:
-        raise ArchbenchError(f"{len(bad)} search worker(s) exited with code(s) {bad}; see "
+    if workers.failures:
+        raise ArchbenchError(f"{len(workers.failures)} search worker(s) failed ({workers.failures[0]}); see "
                              f"{spec.study_dir}/worker-*.log; rerun the command to continue the study")
+
+
+class _LocalWorkers:
+    def __init__(self, spec: SearchSpec, shares: list[int]):
+        ctx = multiprocessing.get_context("spawn")
+        self.procs = [ctx.Process(target=_worker_main, args=(spec, n, i, os.getpid()), daemon=False)
+                      for i, n in enumerate(shares) if n]
+        for p in self.procs:
+            p.start()
+
+    def alive(self) -> bool:
+        return any(p.is_alive() for p in self.procs)
+
+    def stop(self) -> None:
+        for p in self.procs:
+            p.join(timeout=30)  # each worker got the same SIGINT and marks its trial cut off
+
+    @property
+    def failures(self) -> list[str]:
+        return [f"exit code {p.exitcode}" for p in self.procs if p.exitcode not in (0, None)]
+
+
+class _RayWorkers:
+    def __init__(self, spec: SearchSpec, shares: list[int]):
+        from archbench import cluster
+
+        self.cluster, self.failures = cluster, []
+        self.running = cluster.search_workers(spec, shares, _worker)
+
+    def alive(self) -> bool:
+        self.running, failed = self.cluster.wait_workers(self.running, timeout=0)
+        self.failures += failed
+        return bool(self.running)
+
+    def stop(self) -> None:
+        self.cluster.cancel(self.running)  # a KeyboardInterrupt in each: its trial is marked cut off
+        self.cluster.wait_workers(self.running, timeout=30)
