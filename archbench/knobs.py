@@ -55,6 +55,13 @@ class Bounds:
         return " and ".join(p for p in (low, high) if p) or "a finite number"
 
 
+class _NotSearched:
+    def __repr__(self):
+        return "NOT_SEARCHED"
+
+
+# metadata of a knob that changes how, not what, is computed (an attention kernel): a search leaves it alone
+NOT_SEARCHED = _NotSearched()
 POSITIVE = Bounds(0, low_open=True)  # sizes, counts, rates
 NON_NEGATIVE = Bounds(0)  # 0 means "off" (weight decay, eval_every, ...)
 FRACTION = Bounds(0, 1)
@@ -67,6 +74,7 @@ class Knob:
     default: Any
     range: Range | None = None
     bounds: Bounds | None = None
+    searched: bool = True  # False: NOT_SEARCHED, even with Literal choices
 
     @property
     def choices(self) -> tuple | None:
@@ -175,11 +183,13 @@ def knobs_of(obj: Any) -> dict[str, Knob]:
             continue
         tp = hints.get(p.name, type(p.default) if p.default is not None else str)
         rng = bounds = None
+        searched = True
         if get_origin(tp) is typing.Annotated:
             rng = next((m for m in get_args(tp)[1:] if isinstance(m, Range)), None)
             bounds = next((m for m in get_args(tp)[1:] if isinstance(m, Bounds)), None)
+            searched = not any(m is NOT_SEARCHED for m in get_args(tp)[1:])
             tp = get_args(tp)[0]
-        own[p.name] = Knob(p.name, tp, p.default, rng, bounds)
+        own[p.name] = Knob(p.name, tp, p.default, rng, bounds, searched)
     shared: dict[str, Knob] = {}
     for part in getattr(obj, "knobs_from", ()):
         shared.update(knobs_of(part))

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from archbench.knobs import Range
+from archbench.knobs import NOT_SEARCHED, Range
 
 
 class ReLUSquared(nn.Module):
@@ -125,7 +125,7 @@ class PreNormBranch(nn.Module):
                  attention: bool = True,
                  zero_init: bool = True,
                  bias: bool = False,
-                 attn_backend: Literal["sdpa", "xformers"] = "sdpa",
+                 attn_backend: Annotated[Literal["sdpa", "xformers"], NOT_SEARCHED] = "sdpa",
                  attn_gate: Literal["none", "head", "channel"] = "none"):
         from timm.layers import Mlp
 

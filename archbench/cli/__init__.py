@@ -42,6 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         parser = build_parser()
         args, extra = parser.parse_known_args(argv)
+        args.argv = [*(sys.argv[1:] if argv is None else argv)]  # as typed, for records of the command
         # argparse leaves words after an option unparsed (`list blocks -v NAME`); a subcommand
         # whose last positional takes many words names it in TRAILING to receive them
         if extra and args.trailing and not any(e.startswith("-") for e in extra):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shlex
+
 from archbench.cli.eval import int_list
 
 NAME = "search"
@@ -71,11 +73,18 @@ def run(args) -> int:
     out.print(best_table(result))
     for line in summary_lines(result, spec):
         out.print(line, soft_wrap=True)
+    confirmation = None
     if args.confirm:
         from archbench.search.confirm import confirm
 
-        for line in confirmation_lines(confirm(spec, result, args.confirm, console=err)):
+        confirmation = confirm(spec, result, args.confirm, console=err)
+        for line in confirmation_lines(confirmation):
             out.print(line, soft_wrap=True)
+    from archbench.search.table import study_table, write_study_table
+
+    command = "archbench " + " ".join(shlex.quote(a) for a in args.argv)
+    files = write_study_table(study_table(spec, result, confirmation, command), spec.study_dir)
+    out.print(f"table: {files[-1]}", soft_wrap=True)
     return 0
 
 

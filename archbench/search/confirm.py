@@ -39,7 +39,8 @@ def confirm(spec: SearchSpec, summary: dict, seeds: int, console=None) -> dict:
                                     depths=spec.depths if ev["task"] == spec.task else None, device=spec.device,
                                     runs_dir=spec.runs_dir, plots=False, ray=spec.ray), console=console)
             results[row["number"]][ev["task"]] = res["files"]["result"]
-    out = {"study": spec.study_name, "seeds": seeds, "baseline": base["number"], "trials": []}
+    out = {"study": spec.study_name, "seeds": seeds, "baseline": base["number"],
+           "baseline_results": results[base["number"]], "trials": []}
     for row in rows[1:]:
         against = {o: _against(o, spec, results[row["number"]], results[base["number"]]) for o in spec.objectives}
         verdicts = [v["verdict"] for v in against.values()]

@@ -44,6 +44,8 @@ class Space:
 def knob_distribution(knob) -> BaseDistribution | None:
     """The distribution a knob's annotation declares: its Range, or its Literal choices."""
     base = base_type(knob.type)
+    if not knob.searched:
+        return None
     if knob.range is not None:
         low, high, log = knob.range.low, knob.range.high, knob.range.log
         if base is int:

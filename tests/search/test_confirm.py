@@ -29,3 +29,11 @@ def test_confirmation_reruns_the_front_at_full_budget_and_compares_with_interval
     r = main("search", *tiny, "--objective", "loss", "--pruner", "none", "--trials", "2", "--confirm", "2",
              "--runs-dir", runs)
     assert r.returncode == 2 and "at least 3 seeds" in r.stderr and "Traceback" not in r.stderr
+    table = json.loads((runs / "studies/teacher-student-loss-smoke/teacher-student-loss-smoke.json").read_text())
+    assert table["n_trials"] == 2 and table["confirmation"] == {"seeds": 3}
+    assert [row["trial"] for row in table["rows"]][0] == 0 and table["rows"][0]["baseline"]
+    for row in table["rows"]:  # every confirmed row names its runs: 3 seeds at each depth
+        assert len(row["records"]["teacher-student"]) == 2 * 3  # depths 2, 4
+        assert all((runs / "records" / f"{k}.json").exists() for k in row["records"]["teacher-student"])
+    md = (runs / "studies/teacher-student-loss-smoke/teacher-student-loss-smoke.md").read_text()
+    assert "2 trials" in md and "loss: trial − baseline [95 % CI]" in md and "archbench search" in md

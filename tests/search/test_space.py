@@ -17,6 +17,7 @@ def test_default_space_is_conditional_and_skips_pinned_knobs():
     # the quick preset pins attention/act on vectors and --set pins mlp_ratio: none of them is searched
     assert all(k not in space.params["residual"] for k in ("attention", "act", "mlp_ratio"))
     assert space.params["looped"]["loop_layers"].high == 4  # from the block's declared Range
+    assert "norm" in space.params["residual"] and "attn_backend" not in space.params["residual"]  # NOT_SEARCHED
     study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
     seen = set()
     for _ in range(40):
