@@ -224,14 +224,16 @@ def test_a_bad_out_path_is_refused_before_training(main, tmp_path):
     assert not (tmp_path / "runs").exists()
 
 
-def test_search_workers_stop_when_their_parent_is_killed(cli, tmp_path):
+@pytest.mark.parametrize("background", [False, True])  # True: started as `nohup … &` does, SIGINT ignored
+def test_search_workers_stop_when_their_parent_is_killed(cli, tmp_path, background):
     import signal
     import time
 
     args = ["search", "--task", "teacher-student", "--preset", "smoke", "--depths", "2,4", "--set", "train.steps=3000",
             "--trials", "4", "--workers", "2", "--study", "orphans", "--runs-dir", str(tmp_path / "runs")]
     parent = subprocess.Popen([sys.executable, "-m", "archbench", *args], stdout=subprocess.DEVNULL,
-                              stderr=subprocess.DEVNULL, env={**os.environ, "OMP_NUM_THREADS": "1"})
+                              stderr=subprocess.DEVNULL, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                              preexec_fn=(lambda: signal.signal(signal.SIGINT, signal.SIG_IGN)) if background else None)
     logs = tmp_path / "runs" / "studies" / "orphans"
     deadline = time.time() + 120
     while time.time() < deadline and len(list(logs.glob("worker-*.log"))) < 2:

@@ -107,6 +107,8 @@ def _stop_with(parent: int) -> None:
             time.sleep(1.0)
         os.kill(os.getpid(), signal.SIGINT)
 
+    # a command started in the background (nohup, `&` in a script) ignores SIGINT, and its workers with it
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     threading.Thread(target=watch, daemon=True).start()
 
 
