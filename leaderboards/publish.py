@@ -43,6 +43,7 @@ from archbench.errors import UsageError
 from archbench.leaderboard import build
 from archbench.records import RunStore
 from archbench.registry import BLOCKS, TASKS
+from archbench.search.study import SearchSpec
 from archbench.sweep import run_eval
 
 HERE = Path(__file__).resolve().parent
@@ -64,6 +65,18 @@ TABLES = {  # name -> the EvalSpec fields every block's sweep shares
     "word-problem": dict(task="word-problem", preset="quick", seeds=3, depths=[1, 2, 3],
                          evaluators=["alpha-ell", "depth-to-solve"]),
 }
+
+
+# The published searches: `archbench search` settings, the study continued to `trials` and confirmed with
+# `confirm` seeds. Study, run records and table live in search/ (records apart from the sweep tables').
+SEARCHES = {
+    # which designs compose better (hop-induction error at k = 8, depth 4) without paying in lm-char loss?
+    # Trials at a third of the hop-induction budget (1,000 of 3,000 steps), confirmed at all of it.
+    "composition-search": dict(task="hop-induction", objectives=["compose", "lm-loss"], preset="search",
+                               sets={"train": {"steps": "1000"}}, space="leaderboards/studies/composition-space.toml",
+                               trials=100, workers=2, confirm=3),
+}
+SEARCH_DIR = HERE / "search"
 
 
 def buildable(spec: EvalSpec) -> EvalSpec:
@@ -132,22 +145,107 @@ def tables(here: Path, tasks: list[str]) -> list[str]:
     return lines
 
 
+def search_spec(label: str, runs_dir: Path, storage: str | None = None, device: str = "auto") -> tuple[SearchSpec, int]:
+    settings = dict(SEARCHES[label])
+    seeds = settings.pop("confirm")
+    space = settings.pop("space", None)
+    return SearchSpec(**settings, space=space and str(HERE.parent / space), runs_dir=str(runs_dir), storage=storage,
+                      device=device), seeds
+
+
+def journal(spec: SearchSpec) -> Path:
+    return SEARCH_DIR / f"{spec.study_name}.journal"
+
+
+def search(label: str, runs_dir: Path, device: str, console) -> None:
+    """Continue the study (from the committed one, on a machine that has none) to its trials, then confirm."""
+    import optuna
+
+    from archbench.search import open_storage, run_search
+    from archbench.search.confirm import confirm
+
+    spec, seeds = search_spec(label, runs_dir / label, device=device)
+    console.print(f"{seed(runs_dir / label, SEARCH_DIR)} committed run records copied into {runs_dir / label} (cached)")
+    storage = open_storage(spec.storage_url)
+    if spec.study_name not in optuna.get_all_study_names(storage) and journal(spec).exists():
+        optuna.copy_study(from_study_name=spec.study_name, to_storage=storage,
+                          from_storage=open_storage(f"journal:{journal(spec)}"))
+    result = run_search(spec, console=console)
+    confirm(spec, result, seeds, console=console)
+
+
+def collect_search(label: str, runs_dir: Path) -> int:
+    """The study as an Optuna journal file (text) and the run records of its trials and confirmation, into
+    search/; returns how many records were copied."""
+    import optuna
+
+    from archbench.search import open_storage
+
+    spec, _ = search_spec(label, runs_dir / label)
+    SEARCH_DIR.mkdir(parents=True, exist_ok=True)
+    fresh = journal(spec).with_suffix(".journal.new")
+    fresh.unlink(missing_ok=True)
+    optuna.copy_study(from_study_name=spec.study_name, from_storage=open_storage(spec.storage_url, heartbeat=False),
+                      to_storage=open_storage(f"journal:{fresh}", heartbeat=False))
+    fresh.replace(journal(spec))
+    copied = 0
+    (SEARCH_DIR / "records").mkdir(exist_ok=True)
+    for path, record, _ in RunStore(runs_dir / label).scan():
+        if record is not None:
+            shutil.copyfile(path, SEARCH_DIR / "records" / path.name)
+            copied += 1
+    return copied
+
+
+def search_table(label: str) -> str:
+    """The search's table from the committed study and records alone (nothing trains: a confirmation run the
+    records lack leaves the table unconfirmed, and says so)."""
+    import tempfile
+
+    from archbench.search import open_study
+    from archbench.search.confirm import confirm, confirmation_evals
+    from archbench.search.results import summary
+    from archbench.search.table import study_table, write_study_table
+    from archbench.search.workers import _space
+    from archbench.sweep import Sweep
+
+    with tempfile.TemporaryDirectory() as scratch:
+        seed(Path(scratch), SEARCH_DIR)
+        spec, seeds = search_spec(label, Path(scratch))
+        spec = dataclasses.replace(spec, storage=f"journal:{journal(spec)}")
+        if not journal(spec).exists():
+            return f"{label}: no committed study at {journal(spec)}: run publish.py --only sweeps first"
+        space, _ = _space(spec)
+        result = summary(open_study(spec, space), spec)
+        store = RunStore(scratch)
+        missing = [run.label for _, ev in confirmation_evals(spec, result, seeds) for run in Sweep(ev).runs
+                   if store.load(run.key) is None]
+        confirmation = None if missing else confirm(spec, result, seeds, console=Console(quiet=True))
+        command = f"python leaderboards/publish.py --tables {label}"
+        shown = dataclasses.replace(spec, runs_dir="runs", storage=None, space=SEARCHES[label].get("space"))
+        files = write_study_table(study_table(shown, result, confirmation, command), SEARCH_DIR)
+    note = f" (not confirmed: {len(missing)} confirmation runs missing, e.g. {missing[0]})" if missing else ""
+    return f"{label}: {result['counted']} trials -> {files[-1]}{note}"
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--runs-dir", default="runs/publish")
     p.add_argument("--device", default="auto")
     p.add_argument("--blocks", default=None, help="comma-separated (default: every built-in block)")
-    p.add_argument("--tables", default=None, help=f"comma-separated, from {', '.join(TABLES)} (default: all, in that order)")
+    p.add_argument("--tables", default=None, help=f"comma-separated, from {', '.join([*TABLES, *SEARCHES])} "
+                                                  f"(default: all, in that order)")
     p.add_argument("--only", choices=["sweeps", "collect", "tables"], default=None,
                    help="one step (default: all, in order); tables rebuilds the committed tables from the "
                         "committed records")
     args = p.parse_args(argv)
     err = Console(stderr=True, highlight=False)
     blocks = args.blocks.split(",") if args.blocks else [e.name for e in BLOCKS.entries()]
-    labels = [label.strip() for label in args.tables.split(",")] if args.tables else list(TABLES)
-    unknown = [label for label in labels if label not in TABLES]
+    labels = [label.strip() for label in args.tables.split(",")] if args.tables else [*TABLES, *SEARCHES]
+    unknown = [label for label in labels if label not in TABLES and label not in SEARCHES]
     if unknown:
-        p.error(f"--tables: unknown table {unknown[0]!r}; the tables are: {', '.join(TABLES)}")
+        p.error(f"--tables: unknown table {unknown[0]!r}; the tables are: {', '.join([*TABLES, *SEARCHES])}")
+    searches, labels = [label for label in labels if label in SEARCHES], [label for label in labels if label in TABLES]
     tasks = sorted({TABLES[label]["task"] for label in labels})
 
     if args.only in (None, "sweeps"):
@@ -160,11 +258,19 @@ def main(argv=None) -> int:
                 spec = buildable(EvalSpec(block=block, device=args.device, runs_dir=args.runs_dir, plots=False,
                                           **TABLES[label]))
                 run_eval(spec, console=err)
+        for label in searches:
+            err.rule(label)
+            search(label, Path(args.runs_dir), args.device, err)
     if args.only in (None, "collect"):
-        err.print(f"collected {collect(Path(args.runs_dir), HERE, tasks)} run records into {HERE / 'records'}")
+        if tasks:
+            err.print(f"collected {collect(Path(args.runs_dir), HERE, tasks)} run records into {HERE / 'records'}")
+        for label in searches:
+            err.print(f"{label}: study and {collect_search(label, Path(args.runs_dir))} run records into {SEARCH_DIR}")
     if args.only in (None, "tables"):
-        for line in tables(HERE, tasks):
+        for line in tables(HERE, tasks) if tasks else []:
             err.print(line, markup=False, soft_wrap=True)
+        for label in searches:
+            err.print(search_table(label), markup=False, soft_wrap=True)
     return 0
 
 

@@ -255,3 +255,30 @@ def test_a_task_headline_metric_gets_a_column_and_a_paired_difference_with_the_b
     assert vs["headline_ci95"] is not None and vs["headline_ci95"][0] <= vs["headline_diff"] <= vs["headline_ci95"][1]
     text = md.read_text()
     assert "| error_k2 | Δerror_k2 vs baseline [95 % CI] |" in text and "- **headline**:" in text
+
+
+def test_a_published_search_rebuilds_its_table_from_the_committed_study_and_records(tmp_path, monkeypatch):
+    """publish.py's search: study continued and confirmed, collected (study as a journal file, records), and its
+    table rebuilt from those files alone; an unconfirmed study's table says so instead of training."""
+    publish = _publish_module()
+    monkeypatch.setattr(publish, "SEARCHES", {"tiny": dict(
+        task="teacher-student", preset="smoke", depths=[2, 4], sets={"train": {"steps": "30"}}, objectives=["loss"],
+        pruner="none", trials=2, workers=1, confirm=3)})
+    monkeypatch.setattr(publish, "SEARCH_DIR", tmp_path / "search")
+    from rich.console import Console
+
+    console = Console(quiet=True)
+    publish.search("tiny", tmp_path / "runs", "cpu", console)
+    assert publish.collect_search("tiny", tmp_path / "runs") == 2 * 2 + 2 * 2 * 3  # trials' runs, confirmation's
+    line = publish.search_table("tiny")
+    table = json.loads((tmp_path / "search" / "teacher-student-loss-smoke.json").read_text())
+    assert "2 trials" in line and "not confirmed" not in line
+    assert table["n_trials"] == 2 and table["confirmation"] == {"seeds": 3} and table["rows"][0]["baseline"]
+    assert table["command"] == "python leaderboards/publish.py --tables tiny"
+    shutil.rmtree(tmp_path / "runs")  # rebuilt from search/ alone: the same table
+    publish.search_table("tiny")
+    assert json.loads((tmp_path / "search" / "teacher-student-loss-smoke.json").read_text()) == table
+    for path in (tmp_path / "search" / "records").glob("*.json"):  # without the confirmation's records
+        if json.loads(path.read_text())["spec"]["train"]["steps"] != 30:
+            path.unlink()
+    assert "not confirmed: 12 confirmation runs missing" in publish.search_table("tiny")

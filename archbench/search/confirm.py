@@ -24,24 +24,13 @@ def confirm(spec: SearchSpec, summary: dict, seeds: int, console=None) -> dict:
     against the baseline's with the interval of the difference and a verdict."""
     from archbench.sweep import run_eval
 
-    if seeds < 3:
-        raise UsageError(f"--confirm {seeds}: a confirmation needs at least 3 seeds for an interval")
-    base = summary["baseline"]
-    if base is None:
-        raise UsageError("--confirm needs the study's baseline trial (run without --baseline none)")
-    rows = [base] + [r for r in summary["best"] if r["number"] != base["number"]]
     results: dict[int, dict[str, str]] = {}
-    for row in rows:
-        results[row["number"]] = {}
-        for ev in row.get("evals") or [{**row["eval"], "task": spec.task, "preset": spec.preset}]:
-            sets = {s: {k: v for k, v in kv.items() if (s, k) != ("train", "steps")} for s, kv in ev["sets"].items()}
-            res = run_eval(EvalSpec(block=ev["block"], task=ev["task"], preset=ev["preset"], seeds=seeds, sets=sets,
-                                    depths=spec.depths if ev["task"] == spec.task else None, device=spec.device,
-                                    runs_dir=spec.runs_dir, plots=False, ray=spec.ray), console=console)
-            results[row["number"]][ev["task"]] = res["files"]["result"]
+    for number, ev in confirmation_evals(spec, summary, seeds):
+        results.setdefault(number, {})[ev.task] = run_eval(ev, console=console)["files"]["result"]
+    base = summary["baseline"]
     out = {"study": spec.study_name, "seeds": seeds, "baseline": base["number"],
            "baseline_results": results[base["number"]], "trials": []}
-    for row in rows[1:]:
+    for row in [r for r in summary["best"] if r["number"] != base["number"]]:
         against = {o: _against(o, spec, results[row["number"]], results[base["number"]]) for o in spec.objectives}
         verdicts = [v["verdict"] for v in against.values()]
         out["trials"].append({"number": row["number"], "block": row["block"], "knobs": row["knobs"],
@@ -53,6 +42,25 @@ def confirm(spec: SearchSpec, summary: dict, seeds: int, console=None) -> dict:
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(path, lambda f: f.write(json.dumps(out, indent=1).encode()))
     out["file"] = str(path)
+    return out
+
+
+def confirmation_evals(spec: SearchSpec, summary: dict, seeds: int) -> list[tuple[int, EvalSpec]]:
+    """(trial number, eval) of every sweep a confirmation runs: the baseline's first, then each best trial's,
+    one per task, with ``seeds`` seeds at the preset's steps."""
+    if seeds < 3:
+        raise UsageError(f"--confirm {seeds}: a confirmation needs at least 3 seeds for an interval")
+    base = summary["baseline"]
+    if base is None:
+        raise UsageError("--confirm needs the study's baseline trial (run without --baseline none)")
+    out = []
+    for row in [base] + [r for r in summary["best"] if r["number"] != base["number"]]:
+        for ev in row.get("evals") or [{**row["eval"], "task": spec.task, "preset": spec.preset}]:
+            sets = {s: {k: v for k, v in kv.items() if (s, k) != ("train", "steps")} for s, kv in ev["sets"].items()}
+            out.append((row["number"], EvalSpec(block=ev["block"], task=ev["task"], preset=ev["preset"], seeds=seeds,
+                                                sets=sets, depths=spec.depths if ev["task"] == spec.task else None,
+                                                device=spec.device, runs_dir=spec.runs_dir, plots=False,
+                                                ray=spec.ray)))
     return out
 
 
