@@ -204,6 +204,7 @@ def search_table(label: str) -> str:
 
     from archbench.search import open_study
     from archbench.search.confirm import confirm, confirmation_evals
+    from archbench.search.figures import write_figures
     from archbench.search.results import summary
     from archbench.search.table import study_table, write_study_table
     from archbench.search.workers import _space
@@ -216,7 +217,9 @@ def search_table(label: str) -> str:
         if not journal(spec).exists():
             return f"{label}: no committed study at {journal(spec)}: run publish.py --only sweeps first"
         space, _ = _space(spec)
-        result = summary(open_study(spec, space), spec)
+        study = open_study(spec, space)
+        result = summary(study, spec)
+        write_figures(study, spec, out=SEARCH_DIR / spec.study_name)  # the Pareto front, the hypervolume history
         store = RunStore(scratch)
         missing = [run.label for _, ev in confirmation_evals(spec, result, seeds) for run in Sweep(ev).runs
                    if store.load(run.key) is None]

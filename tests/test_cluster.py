@@ -85,7 +85,8 @@ def test_eval_on_ray_writes_the_records_a_local_sweep_writes_and_resumes(ray_hea
 
 
 def test_search_workers_run_as_ray_tasks(ray_head, tmp_path):
-    proc = subprocess.Popen([sys.executable, "-m", "archbench", "search", "--preset", "smoke", "--trials", "3",
+    proc = subprocess.Popen([sys.executable, "-m", "archbench", "search", "--task", "teacher-student", "--preset", "smoke",
+                             "--trials", "3",
                              "--workers", "2", "--objective", "loss", "--pruner", "none", "--ray", ray_head,
                              "--runs-dir", tmp_path], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     out, err = proc.communicate(timeout=300)

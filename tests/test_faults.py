@@ -229,8 +229,8 @@ def test_search_workers_stop_when_their_parent_is_killed(cli, tmp_path, backgrou
     import signal
     import time
 
-    args = ["search", "--task", "teacher-student", "--preset", "smoke", "--depths", "2,4", "--set", "train.steps=3000",
-            "--trials", "4", "--workers", "2", "--study", "orphans", "--runs-dir", str(tmp_path / "runs")]
+    args = ["search", "--task", "teacher-student", "--objective", "alpha,loss", "--preset", "smoke", "--depths", "2,4",
+            "--set", "train.steps=3000", "--trials", "4", "--workers", "2", "--study", "orphans", "--runs-dir", str(tmp_path / "runs")]
     parent = subprocess.Popen([sys.executable, "-m", "archbench", *args], stdout=subprocess.DEVNULL,
                               stderr=subprocess.DEVNULL, env={**os.environ, "OMP_NUM_THREADS": "1"},
                               preexec_fn=(lambda: signal.signal(signal.SIGINT, signal.SIG_IGN)) if background else None)

@@ -275,6 +275,7 @@ def test_a_published_search_rebuilds_its_table_from_the_committed_study_and_reco
     assert "2 trials" in line and "not confirmed" not in line
     assert table["n_trials"] == 2 and table["confirmation"] == {"seeds": 3} and table["rows"][0]["baseline"]
     assert table["command"] == "python leaderboards/publish.py --tables tiny"
+    assert (tmp_path / "search" / "teacher-student-loss-smoke" / "history.png").stat().st_size > 1000
     shutil.rmtree(tmp_path / "runs")  # rebuilt from search/ alone: the same table
     publish.search_table("tiny")
     assert json.loads((tmp_path / "search" / "teacher-student-loss-smoke.json").read_text()) == table

@@ -13,16 +13,16 @@ HELP = "search block families and knobs (Optuna) for a steeper alpha_ell without
 def add_arguments(p):
     from archbench.search import OBJECTIVES
 
-    p.add_argument("--task", default="teacher-student", help="registered task name (default: teacher-student)")
+    p.add_argument("--task", default="hop-induction", help="registered task name (default: hop-induction)")
     p.add_argument("--trials", type=int, default=30, help="trials the study should have in all (default: 30); "
                    "rerunning continues the study up to this number")
     p.add_argument("--study", default=None, help="study name (default: TASK-OBJECTIVES-PRESET)")
     p.add_argument("--storage", default=None, help="Optuna storage: sqlite:///PATH (default: RUNS_DIR/studies.db), "
                    "postgresql://USER@HOST/DB for many machines, or journal:PATH")
-    p.add_argument("--objective", default="alpha,loss",
+    p.add_argument("--objective", default="compose,lm-loss",
                    help="comma-separated, several make a Pareto search: "
                         + "; ".join(f"{o.name} ({o.direction[:3]}: {o.help})" for o in OBJECTIVES.values())
-                        + " (default: alpha,loss)")
+                        + " (default: compose,lm-loss: better at composition without paying in LM loss?)")
     p.add_argument("--space", default=None, metavar="FILE.toml",
                    help="blocks to draw and knob ranges (default: every block, every knob with a declared range)")
     p.add_argument("--budget", default="params", choices=["params", "flops", "none"],
@@ -43,7 +43,8 @@ def add_arguments(p):
     p.add_argument("--confirm", type=int, default=0, metavar="SEEDS",
                    help="after the trials, re-run the best ones (the Pareto front) and the baseline with SEEDS (>= 3) "
                         "seeds at the preset's steps and compare each objective with the baseline's (default: 0, no)")
-    p.add_argument("--preset", default="quick", help="budget of every trial's eval: smoke, quick, paper")
+    p.add_argument("--preset", default=None, help="budget of every trial's eval: search (the default where every "
+                   "task of the study has it: one depth, one seed), smoke, quick, paper")
     p.add_argument("--depths", type=str, default=None, help="effective depths of every trial (default: preset's)")
     p.add_argument("--seeds", type=int, default=None, help="seeds per depth (default: preset's)")
     p.add_argument("--set", dest="sets", action="append", default=[], metavar="SECTION.KEY=VALUE",
@@ -60,7 +61,7 @@ def run(args) -> int:
 
     spec = SearchSpec(task=args.task, trials=args.trials, study=args.study, storage=args.storage,
                       objectives=parse_objectives(args.objective), space=args.space, workers=args.workers,
-                      preset=args.preset, depths=int_list(args.depths) if args.depths else None,
+                      preset=args.preset or default_preset(args.task, parse_objectives(args.objective)), depths=int_list(args.depths) if args.depths else None,
                       seeds=args.seeds, sets=parse_sets(args.sets), budget=args.budget,
                       baseline=None if args.baseline == "none" else args.baseline, pruner=args.pruner,
                       seed=args.seed, device=args.device, runs_dir=args.runs_dir, plugins=list(args.plugins),
@@ -86,6 +87,15 @@ def run(args) -> int:
     files = write_study_table(study_table(spec, result, confirmation, command), spec.study_dir)
     out.print(f"table: {files[-1]}", soft_wrap=True)
     return 0
+
+
+def default_preset(task: str, objectives: list[str]) -> str:
+    """``search`` where the study's task and every objective's task have that preset, else ``quick``."""
+    from archbench.registry import TASKS
+    from archbench.search import OBJECTIVES
+
+    tasks = {task} | {OBJECTIVES[o].task for o in objectives if OBJECTIVES[o].task}
+    return "search" if all("search" in getattr(TASKS.get(t).obj, "presets", {}) for t in tasks) else "quick"
 
 
 def confirmation_lines(c: dict) -> list[str]:

@@ -13,8 +13,8 @@ from archbench.search.objectives import OBJECTIVES
 from archbench.search.study import SearchSpec
 
 
-def write_figures(study: optuna.Study, spec: SearchSpec) -> list[str]:
-    """The figures' paths (none until two trials are complete)."""
+def write_figures(study: optuna.Study, spec: SearchSpec, out: Path | None = None) -> list[str]:
+    """The figures' paths, in ``out`` (default: the study's folder); none until two trials are complete."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -25,7 +25,7 @@ def write_figures(study: optuna.Study, spec: SearchSpec) -> list[str]:
     if len(complete) < 2:
         return []
     names = spec.objectives
-    out = Path(spec.study_dir)
+    out = Path(out or spec.study_dir)
     out.mkdir(parents=True, exist_ok=True)
     figures = []
     if len(names) == 1:

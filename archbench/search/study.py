@@ -26,14 +26,14 @@ from archbench.search.space import Space
 
 @dataclasses.dataclass
 class SearchSpec:
-    task: str = "teacher-student"
+    task: str = "hop-induction"
     trials: int = 30
     study: str | None = None
     storage: str | None = None
-    objectives: list[str] = dataclasses.field(default_factory=lambda: ["alpha", "loss"])
+    objectives: list[str] = dataclasses.field(default_factory=lambda: ["compose", "lm-loss"])
     space: str | None = None
     workers: int = 1
-    preset: str = "quick"
+    preset: str = "search"
     depths: list[int] | None = None
     seeds: int | None = None
     sets: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)

@@ -99,6 +99,9 @@ def _worker(spec: SearchSpec, share: int, index: int, threads: int = 1) -> None:
             sys.stdout, sys.stderr = sys.__stdout__, sys.__stderr__
 
 
+STOP_GRACE_S = 20.0  # after the interrupt, how long a worker whose parent is gone may take to stop
+
+
 def _stop_with(parent: int) -> None:
     """Interrupt this worker, as Ctrl-C would, once the process that started it is gone (killed with -9, say),
     so that no worker trains on for a command nobody is running."""
@@ -106,6 +109,8 @@ def _stop_with(parent: int) -> None:
         while os.getppid() == parent:
             time.sleep(1.0)
         os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(STOP_GRACE_S)
+        os._exit(130)  # the interrupt was lost (caught inside a library): a rerun finds this pid dead, trial cut off
 
     # a command started in the background (nohup, `&` in a script) ignores SIGINT, and its workers with it
     signal.signal(signal.SIGINT, signal.default_int_handler)

@@ -9,7 +9,8 @@ from archbench.search import open_storage
 @pytest.fixture
 def tiny():
     """``archbench search`` arguments for the smoke teacher, two depths, 30 steps: about a second a trial."""
-    return ["--task", "teacher-student", "--preset", "smoke", "--depths", "2,4", "--set", "train.steps=30"]
+    return ["--task", "teacher-student", "--objective", "alpha,loss", "--preset", "smoke", "--depths", "2,4",
+            "--set", "train.steps=30"]
 
 
 @pytest.fixture

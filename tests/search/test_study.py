@@ -56,8 +56,8 @@ def test_search_end_to_end_resume_and_reuse(main, tmp_path, tiny, load_study):
 
 
 def test_interrupted_trial_is_queued_again_and_records_reused(tmp_path, load_study):
-    spec = SearchSpec(task="teacher-student", preset="smoke", depths=[2, 4], sets={"train": {"steps": "30"}},
-                      trials=1, runs_dir=str(tmp_path / "runs"), study="cut")
+    spec = SearchSpec(task="teacher-student", objectives=["alpha", "loss"], preset="smoke", depths=[2, 4],
+                      sets={"train": {"steps": "30"}}, trials=1, runs_dir=str(tmp_path / "runs"), study="cut")
     run_search(spec)
     study = load_study(spec.storage_url, "cut")
     first = study.get_trials()[0]
