@@ -75,7 +75,7 @@ def test_eval_on_ray_writes_the_records_a_local_sweep_writes_and_resumes(ray_hea
     mine, theirs = _records(tmp_path / "remote"), _records(tmp_path / "local")
     assert set(mine) == set(theirs) and len(mine) == 2  # the same runs, by the same keys
     for key, record in mine.items():
-        assert record["final_loss"] == pytest.approx(theirs[key]["final_loss"], rel=1e-4)
+        assert record["final_loss"] == pytest.approx(theirs[key]["final_loss"], rel=1e-3)  # thread counts differ
         assert record["metrics"].keys() == theirs[key]["metrics"].keys()  # measured on the node too
         assert (tmp_path / "remote" / "records" / f"{key}.pt").stat().st_size > 0  # the weights came back
     again = cli(*SMOKE, "--runs-dir", tmp_path / "remote", "--ray", ray_head,
