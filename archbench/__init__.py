@@ -11,7 +11,7 @@ Public API::
 """
 
 from archbench.errors import ArchbenchError, UsageError
-from archbench.knobs import FRACTION, NON_NEGATIVE, POSITIVE, Bounds, Range
+from archbench.knobs import FRACTION, NON_NEGATIVE, NOT_SEARCHED, POSITIVE, Bounds, Range
 from archbench.model import InputSpec, Stack, StreamModel, Tap, Trace, step, trace
 from archbench.registry import (BLOCKS, EVALUATORS, TASKS, register_block, register_evaluator,
                                 register_task)
@@ -19,7 +19,7 @@ from archbench.registry import (BLOCKS, EVALUATORS, TASKS, register_block, regis
 __version__ = "0.1.0"
 
 __all__ = [
-    "ArchbenchError", "UsageError", "Range", "Bounds", "POSITIVE", "NON_NEGATIVE", "FRACTION", "InputSpec", "Stack",
-    "StreamModel", "Tap", "Trace", "step", "trace",
+    "ArchbenchError", "UsageError", "Range", "Bounds", "POSITIVE", "NON_NEGATIVE", "FRACTION", "NOT_SEARCHED",
+    "InputSpec", "Stack", "StreamModel", "Tap", "Trace", "step", "trace",
     "BLOCKS", "TASKS", "EVALUATORS", "register_block", "register_task", "register_evaluator", "__version__",
 ]
