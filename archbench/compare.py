@@ -153,7 +153,7 @@ def _differences(ra: dict, rb: dict) -> list[str]:
     return out
 
 
-def compare_metric(path_a: str | Path, path_b: str | Path, metric: str, depths: tuple[int, int] | None = None,
+def compare_metric(path_a: str | Path, path_b: str | Path, metric, depths: tuple[int, int] | None = None,
                    n_boot: int = 2000, seed: int = 0) -> dict:
     """Held-out ``metric`` of A at ``depths[0]`` minus B's at ``depths[1]`` (default: the deepest depth both
     trained), means over replicates, with a bootstrap 95 % interval (paired where both ran the same ones)."""
@@ -175,7 +175,7 @@ def compare_metric(path_a: str | Path, path_b: str | Path, metric: str, depths: 
                  "replicates": len(a)},
            "b": {"path": str(path_b), "block": rb.get("block"), "depth": depths[1], "mean": mean_b,
                  "replicates": len(b)},
-           "metric": metric, "diff": mean_a - mean_b, "paired": paired, "ci95": None, "n_boot": 0}
+           "metric": getattr(metric, "__name__", metric), "diff": mean_a - mean_b, "paired": paired, "ci95": None, "n_boot": 0}
     out["ci95"] = mean_difference_ci(a, b, n_boot, seed)
     if out["ci95"] is None:
         out["note"] = "no interval: a side with one replicate says nothing about the noise (add --seeds or --teachers)"
@@ -205,17 +205,19 @@ def level_verdict(ci: list[float] | None) -> str:
     return "A is higher" if ci[0] > 0 else "A is lower" if ci[1] < 0 else "not distinguishable (the interval covers 0)"
 
 
-def _metric_at(result: dict, metric: str, name: str, path) -> dict[int, dict]:
-    """depth -> {replicate: the run's held-out ``metric``} over ``result``'s finished runs (one grid point)."""
+def _metric_at(result: dict, metric, name: str, path) -> dict[int, dict]:
+    """depth -> {replicate: the run's held-out ``metric``} over ``result``'s finished runs (one grid point);
+    ``metric`` is a held-out metric's name or a function of a run's held-out metrics."""
     runs = [r for r in result["runs"] if r["status"] == "ok"]
     labels = {point_label(r.get("vary", {})) for r in runs}
     if len(labels) > 1:
         raise UsageError(f"{path}: a grid of {len(labels)} points ({', '.join(sorted(labels))}); --metric compares "
                          f"one sweep with one sweep")
     have = sorted({k for r in runs for k in (r.get("eval") or {})})
-    if not runs or metric not in have:
+    if not runs or not (callable(metric) or metric in have):
         raise unknown(f"held-out metric of {name}", metric, have)
     out: dict[int, dict] = {}
     for r in runs:
-        out.setdefault(int(r["depth"]), {})[(r["seed"], r.get("teacher"))] = float(r["eval"][metric])
+        value = metric(r["eval"]) if callable(metric) else r["eval"][metric]
+        out.setdefault(int(r["depth"]), {})[(r["seed"], r.get("teacher"))] = float(value)
     return out

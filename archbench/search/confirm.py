@@ -11,11 +11,11 @@ from archbench.compare import compare, compare_metric
 from archbench.config import EvalSpec
 from archbench.errors import UsageError
 from archbench.records import atomic_write
-from archbench.search.objectives import OBJECTIVES
+from archbench.search.objectives import OBJECTIVES, error_over_k
 from archbench.search.study import SearchSpec
 
 # objectives a replicate interval exists for: (compare's metric, or None for α_ℓ)
-COMPARED = {"alpha": None, "loss": "loss", "lm-loss": "loss", "compose": "headline"}
+COMPARED = {"alpha": None, "loss": "loss", "lm-loss": "loss", "compose": error_over_k}
 
 
 def confirm(spec: SearchSpec, summary: dict, seeds: int, console=None) -> dict:
@@ -74,20 +74,9 @@ def _against(objective: str, spec: SearchSpec, mine: dict, base: dict) -> dict:
     if kind is None:
         c = compare(a, b)["comparisons"][0]["alpha"]
         return {"a": c["a"], "b": c["b"], "diff": c["diff"], "ci95": c["ci95"], "verdict": _verdict(objective, c["ci95"])}
-    metric = kind if kind != "headline" else _headline(task, a)
-    c = compare_metric(a, b, metric)
-    return {"metric": metric, "depth": c["a"]["depth"], "a": c["a"]["mean"], "b": c["b"]["mean"], "diff": c["diff"],
+    c = compare_metric(a, b, kind)
+    return {"metric": c["metric"], "depth": c["a"]["depth"], "a": c["a"]["mean"], "b": c["b"]["mean"], "diff": c["diff"],
             "ci95": c["ci95"], "verdict": _verdict(objective, c["ci95"])}
-
-
-def _headline(task: str, result_path: str) -> str:
-    import torch
-
-    from archbench.registry import TASKS
-    from archbench.sweep import make_task
-
-    result = json.loads(open(result_path).read())
-    return make_task(TASKS.get(task), result["config"]["task"], torch.device("cpu")).headline_metric()
 
 
 def _verdict(objective: str, ci) -> str:

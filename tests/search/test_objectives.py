@@ -13,7 +13,7 @@ from archbench.search.objectives import stepwise_value
 def _run(depth, loss, later=None, error=None):
     metrics = {"skip-sensitivity": {"skip_effect": later}} if later is not None else {}
     return {"depth": depth, "effective_depth": depth, "seed": 0, "status": "ok", "final_loss": loss,
-            "metrics": metrics, "eval": {"loss": loss, "error_k8": error}}
+            "metrics": metrics, "eval": {"loss": loss, "error_k0": 0.0, "error_k4": error / 2, "error_k8": error}}
 
 
 def test_objective_values_on_known_results(make_run):
@@ -26,7 +26,8 @@ def test_objective_values_on_known_results(make_run):
     assert objective_value("loss", result) == pytest.approx(0.25)  # mean over seeds at the largest depth
     assert objective_value("depth-to-solve", result) == 16  # hardest unsolved: twice the largest depth
     assert objective_value("redundancy", result) == pytest.approx(1 - 1.2 / 6)
-    assert objective_value("compose", result, "error_k8") == pytest.approx(0.15)  # the headline, largest depth
+    # error averaged over k >= 1 (k = 0 copies), largest depth, mean over seeds: (0.05 + 0.1) / 2, (0.1 + 0.2) / 2
+    assert objective_value("compose", result, "error_k8") == pytest.approx((0.075 + 0.15) / 2)
     assert objective_value("lm-loss", result) == pytest.approx(0.25)
     # the pruner's intermediate alpha on two depths of an exact power law is its exponent
     task = TASKS.get("teacher-student").obj
@@ -47,7 +48,7 @@ def test_objectives_on_other_tasks_run_their_own_sweep_at_the_same_budget(main, 
     results = [json.loads(Path(p).read_text()) for p in t.user_attrs["results"]]
     hop = [run for run in results[0]["runs"] if run["depth"] == 2]  # hop-induction smoke: depths 1, 2; k <= 2
     lm = [run for run in results[1]["runs"] if run["depth"] == 12]  # lm-char smoke: depths 3, 6, 12
-    assert t.values == pytest.approx([sum(run["eval"]["error_k2"] for run in hop) / len(hop),
+    assert t.values == pytest.approx([sum(run["eval"]["error_k1"] + run["eval"]["error_k2"] for run in hop) / 2 / len(hop),
                                       sum(run["final_loss"] for run in lm) / len(lm)])
     # each sweep at the baseline's own budget on its task
     assert t.user_attrs["budget"]["used"] == t.user_attrs["budget"]["limit"]
