@@ -52,6 +52,8 @@ def summary(study: optuna.Study, spec: SearchSpec) -> dict:
     return {"study": spec.study_name, "storage": spec.storage_url, "objectives": objectives,
             "directions": [OBJECTIVES[o].direction for o in objectives], "trials": len(trials),
             "counted": counted(study), "states": {k: v for k, v in states.items() if v},
+            # TPE may draw a configuration again (its runs are cached, so it costs nothing): how many differ
+            "distinct": len({tuple(sorted(t.params.items())) for t in complete}),
             "best": [trial_row(t, objectives) for t in best],
             "baseline": trial_row(base, objectives) if base else None, "beats_baseline": beats,
             "wall_s": sum(trial_row(t, objectives)["wall_s"] for t in trials)}

@@ -25,7 +25,8 @@ def study_table(spec: SearchSpec, summary: dict, confirmation: dict | None, comm
                      "confirmed": c["objectives"] if c else None, "win": c["win"] if c else None,
                      "records": _keys(c["results"] if c else (confirmation or {}).get("baseline_results"))
                      if r["baseline"] or c else None})
-    return {"study": summary["study"], "n_trials": summary["counted"], "states": summary["states"],
+    return {"study": summary["study"], "n_trials": summary["counted"], "distinct_complete": summary["distinct"],
+            "states": summary["states"],
             "objectives": summary["objectives"], "directions": summary["directions"],
             "search": {"task": spec.task, "preset": spec.preset, "sets": spec.sets, "budget": spec.budget,
                        "baseline": spec.baseline, "seed": spec.seed, "space": spec.space},
@@ -78,9 +79,11 @@ def _markdown(t: dict) -> str:
     seeds = (t["confirmation"] or {}).get("seeds")
     head = ["trial", "block", "knobs", "params", *[f"{o} (search)" for o in objs],
             *[f"{o}: trial − baseline [95 % CI]" for o in objs], "verdict"]
+    states = ", ".join(f"{n} {s.lower()}" for s, n in t["states"].items())
+    directions = ", ".join(f"{o} ({d[:3]})" for o, d in zip(objs, t["directions"]))
     lines = [f"# Search `{t['study']}`", "",
-             f"{t['n_trials']} trials (" + ", ".join(f"{n} {s.lower()}" for s, n in t["states"].items())
-             + f"), objectives {', '.join(f'{o} ({d[:3]})' for o, d in zip(objs, t['directions']))}, "
+             f"{t['n_trials']} trials ({states}; {t['distinct_complete']} distinct configurations among the "
+             f"complete ones), objectives {directions}, "
              f"task {t['search']['task']} at preset `{t['search']['preset']}`, budget {t['search']['budget']}; "
              f"{t['train_s'] / 3600:.1f} h of training. Rows: the baseline and the "
              f"{'Pareto front' if len(objs) > 1 else 'best trials'}; "

@@ -30,7 +30,7 @@ def test_confirmation_reruns_the_front_at_full_budget_and_compares_with_interval
              "--runs-dir", runs)
     assert r.returncode == 2 and "at least 3 seeds" in r.stderr and "Traceback" not in r.stderr
     table = json.loads((runs / "studies/teacher-student-loss-smoke/teacher-student-loss-smoke.json").read_text())
-    assert table["n_trials"] == 2 and table["confirmation"] == {"seeds": 3}
+    assert table["n_trials"] == 2 and table["distinct_complete"] == 2 and table["confirmation"] == {"seeds": 3}
     assert [row["trial"] for row in table["rows"]][0] == 0 and table["rows"][0]["baseline"]
     for row in table["rows"]:  # every confirmed row names its runs: 3 seeds at each depth
         assert len(row["records"]["teacher-student"]) == 2 * 3  # depths 2, 4
