@@ -182,6 +182,7 @@ def collect_search(label: str, runs_dir: Path) -> int:
     from archbench.search import open_storage
 
     spec, _ = search_spec(label, runs_dir / label)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
     SEARCH_DIR.mkdir(parents=True, exist_ok=True)
     fresh = journal(spec).with_suffix(".journal.new")
     fresh.unlink(missing_ok=True)

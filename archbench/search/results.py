@@ -37,10 +37,10 @@ def summary(study: optuna.Study, spec: SearchSpec) -> dict:
     objectives = spec.objectives
     complete = [t for t in trials if t.state == TrialState.COMPLETE]
     if len(objectives) > 1:
-        best = sorted(study.best_trials, key=lambda t: t.number) if complete else []
+        best = _first_of_each(sorted(study.best_trials, key=lambda t: t.number) if complete else [])
     else:
         sign = -1 if OBJECTIVES[objectives[0]].direction == "maximize" else 1
-        best = sorted(complete, key=lambda t: sign * t.values[0])[:5]
+        best = _first_of_each(sorted(complete, key=lambda t: sign * t.values[0]))[:5]
     base = next((t for t in complete if t.user_attrs.get("baseline")), None)
     beats = []
     if base is not None and "alpha" in objectives:
@@ -57,6 +57,16 @@ def summary(study: optuna.Study, spec: SearchSpec) -> dict:
             "best": [trial_row(t, objectives) for t in best],
             "baseline": trial_row(base, objectives) if base else None, "beats_baseline": beats,
             "wall_s": sum(trial_row(t, objectives)["wall_s"] for t in trials)}
+
+
+def _first_of_each(trials: list) -> list:
+    """The first trial of each configuration (TPE may draw one again; its runs were cached)."""
+    seen, out = set(), []
+    for t in trials:
+        if (key := tuple(sorted(t.params.items()))) not in seen:
+            seen.add(key)
+            out.append(t)
+    return out
 
 
 def eval_command(row: dict, spec: SearchSpec) -> str:

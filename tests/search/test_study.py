@@ -93,3 +93,16 @@ def test_pareto_front_and_hypervolume_figures(tmp_path):
     paths = write_figures(study, spec)
     assert [p.rsplit("/", 1)[1] for p in paths] == ["pareto-front.png", "hypervolume.png"]
     assert all((tmp_path / "studies/fig" / p.rsplit("/", 1)[1]).stat().st_size > 1000 for p in paths)
+
+
+def test_a_configuration_drawn_again_is_one_row_of_the_front():
+    from archbench.search.results import summary
+
+    study = optuna.create_study(directions=["minimize", "minimize"])
+    dist = optuna.distributions.CategoricalDistribution(["residual", "rezero", "highway"])
+    for block, values in [("residual", (0.4, 1.6)), ("rezero", (0.3, 1.4)), ("rezero", (0.3, 1.4)),
+                          ("highway", (0.2, 1.9))]:
+        study.add_trial(optuna.trial.create_trial(params={"block": block}, distributions={"block": dist},
+                                                  values=list(values)))
+    s = summary(study, SearchSpec(objectives=["compose", "lm-loss"], study="again"))
+    assert [r["number"] for r in s["best"]] == [1, 3] and s["distinct"] == 3 and s["counted"] == 4
