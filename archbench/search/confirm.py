@@ -33,8 +33,12 @@ def confirm(spec: SearchSpec, summary: dict, seeds: int, console=None) -> dict:
     for row in [r for r in summary["best"] if r["number"] != base["number"]]:
         against = {o: _against(o, spec, results[row["number"]], results[base["number"]]) for o in spec.objectives}
         verdicts = [v["verdict"] for v in against.values()]
+        # beside compose, the task's headline (hop-induction: the error at the hardest k), for the record
+        also = {f"{o}@{m}": _against(o, spec, results[row["number"]], results[base["number"]], metric=m)
+                for o in spec.objectives if o == "compose"
+                for m in [_headline(OBJECTIVES[o].task, results[base["number"]][OBJECTIVES[o].task])]}
         out["trials"].append({"number": row["number"], "block": row["block"], "knobs": row["knobs"],
-                              "results": results[row["number"]], "objectives": against,
+                              "results": results[row["number"]], "objectives": against, "also": also,
                               # a win: better on one objective at least, beyond the noise, and worse on none
                               "win": any(v.startswith("better") for v in verdicts)
                               and not any(v.startswith("worse") for v in verdicts)})
@@ -64,11 +68,12 @@ def confirmation_evals(spec: SearchSpec, summary: dict, seeds: int) -> list[tupl
     return out
 
 
-def _against(objective: str, spec: SearchSpec, mine: dict, base: dict) -> dict:
-    """The trial's objective minus the baseline's, with the paired bootstrap interval over seeds."""
+def _against(objective: str, spec: SearchSpec, mine: dict, base: dict, metric: str | None = None) -> dict:
+    """The trial's objective (or the held-out ``metric`` of its task) minus the baseline's, with the paired
+    bootstrap interval over seeds."""
     task = OBJECTIVES[objective].task or spec.task
     a, b = mine[task], base[task]
-    kind = COMPARED.get(objective, "none")
+    kind = metric or COMPARED.get(objective, "none")
     if kind == "none":
         return {"verdict": "no replicate interval for this objective"}
     if kind is None:
@@ -77,6 +82,16 @@ def _against(objective: str, spec: SearchSpec, mine: dict, base: dict) -> dict:
     c = compare_metric(a, b, kind)
     return {"metric": c["metric"], "depth": c["a"]["depth"], "a": c["a"]["mean"], "b": c["b"]["mean"], "diff": c["diff"],
             "ci95": c["ci95"], "verdict": _verdict(objective, c["ci95"])}
+
+
+def _headline(task: str, result_path: str) -> str:
+    import torch
+
+    from archbench.registry import TASKS
+    from archbench.sweep import make_task
+
+    result = json.loads(open(result_path).read())
+    return make_task(TASKS.get(task), result["config"]["task"], torch.device("cpu")).headline_metric()
 
 
 def _verdict(objective: str, ci) -> str:

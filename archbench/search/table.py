@@ -22,7 +22,8 @@ def study_table(spec: SearchSpec, summary: dict, confirmation: dict | None, comm
         c = confirmed.get(r["number"])
         rows.append({"trial": r["number"], "baseline": r["baseline"], "block": r["block"], "knobs": r["knobs"],
                      "width": r["width"], "params": r["params"], "search": r["values"],
-                     "confirmed": c["objectives"] if c else None, "win": c["win"] if c else None,
+                     "confirmed": c["objectives"] if c else None, "also": c.get("also") if c else None,
+                     "win": c["win"] if c else None,
                      "records": _keys(c["results"] if c else (confirmation or {}).get("baseline_results"))
                      if r["baseline"] or c else None})
     return {"study": summary["study"], "n_trials": summary["counted"], "distinct_complete": summary["distinct"],
@@ -77,8 +78,10 @@ def _knobs(row: dict) -> str:
 def _markdown(t: dict) -> str:
     objs = t["objectives"]
     seeds = (t["confirmation"] or {}).get("seeds")
+    also = _also_keys(t)
     head = ["trial", "block", "knobs", "params", *[f"{o} (search)" for o in objs],
-            *[f"{o}: trial − baseline [95 % CI]" for o in objs], "verdict"]
+            *[f"{o}: trial − baseline [95 % CI]" for o in objs],
+            *[f"{k.split('@')[1]}: trial − baseline [95 % CI]" for k in also], "verdict"]
     states = ", ".join(f"{n} {s.lower()}" for s, n in t["states"].items())
     directions = ", ".join(f"{o} ({d[:3]})" for o, d in zip(objs, t["directions"]))
     lines = [f"# Search `{t['study']}`", "",
@@ -94,23 +97,29 @@ def _markdown(t: dict) -> str:
     for r in t["rows"]:
         cells = [str(r["trial"]), f"`{r['block']}`", _knobs(r), f"{r['params']:,}" if r["params"] else "-",
                  *[f"{r['search'][o]:.4g}" if r["search"] else "-" for o in objs],
-                 *[_diff((r["confirmed"] or {}).get(o)) for o in objs], _verdict(r)]
+                 *[_diff((r["confirmed"] or {}).get(o)) for o in objs],
+                 *[_diff((r["also"] or {}).get(k)) for k in also], _verdict(r)]
         lines.append("| " + " | ".join(cells) + " |")
     lines += ["", f"Rebuild: `{t['command']}`", ""]
     return "\n".join(lines)
 
 
+def _also_keys(t: dict) -> list[str]:
+    """The comparisons reported beside the objectives (``compose@error_k8``), in order of first appearance."""
+    return list(dict.fromkeys(k for r in t["rows"] for k in (r.get("also") or {})))
+
+
 def _csv(t: dict) -> str:
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
-    objs = t["objectives"]
-    w.writerow(["trial", "baseline", "block", "knobs", "width", "params", *[f"{o}_search" for o in objs],
-                *[x for o in objs for x in (f"{o}_diff", f"{o}_ci_low", f"{o}_ci_high", f"{o}_verdict")], "win"])
+    cols = [*t["objectives"], *_also_keys(t)]
+    w.writerow(["trial", "baseline", "block", "knobs", "width", "params", *[f"{o}_search" for o in t["objectives"]],
+                *[x for o in cols for x in (f"{o}_diff", f"{o}_ci_low", f"{o}_ci_high", f"{o}_verdict")], "win"])
     for r in t["rows"]:
-        conf = r["confirmed"] or {}
+        conf = {**(r["confirmed"] or {}), **(r.get("also") or {})}
         w.writerow([r["trial"], r["baseline"], r["block"], json.dumps(r["knobs"]), r["width"], r["params"],
-                    *[(r["search"] or {}).get(o) for o in objs],
-                    *[x for o in objs for x in ((conf.get(o) or {}).get("diff"), *((conf.get(o) or {}).get("ci95")
-                                                                                   or (None, None)),
-                                                 (conf.get(o) or {}).get("verdict"))], r["win"]])
+                    *[(r["search"] or {}).get(o) for o in t["objectives"]],
+                    *[x for o in cols for x in ((conf.get(o) or {}).get("diff"),
+                                                *((conf.get(o) or {}).get("ci95") or (None, None)),
+                                                (conf.get(o) or {}).get("verdict"))], r["win"]])
     return buf.getvalue()

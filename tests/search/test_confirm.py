@@ -4,6 +4,8 @@ compared with the baseline's by a paired bootstrap interval."""
 import json
 from pathlib import Path
 
+import pytest
+
 
 def test_confirmation_reruns_the_front_at_full_budget_and_compares_with_intervals(main, tmp_path, tiny):
     runs = tmp_path / "runs"
@@ -37,3 +39,26 @@ def test_confirmation_reruns_the_front_at_full_budget_and_compares_with_interval
         assert all((runs / "records" / f"{k}.json").exists() for k in row["records"]["teacher-student"])
     md = (runs / "studies/teacher-student-loss-smoke/teacher-student-loss-smoke.md").read_text()
     assert "2 trials" in md and "loss: trial − baseline [95 % CI]" in md and "archbench search" in md
+
+
+def test_compose_is_confirmed_beside_the_error_at_the_hardest_k(main, tmp_path):
+    runs = tmp_path / "runs"
+    r = main("search", "--task", "hop-induction", "--objective", "compose", "--pruner", "none", "--preset", "smoke",
+             "--set", "train.steps=20", "--trials", "2", "--confirm", "3", "--runs-dir", runs)
+    assert r.returncode == 0, r.stderr
+    c = json.loads((runs / "studies/hop-induction-compose-smoke/confirmation.json").read_text())
+    (t,) = c["trials"]
+    compose, hardest = t["objectives"]["compose"], t["also"]["compose@error_k2"]  # smoke: k <= 2
+    assert compose["metric"] == "error_over_k" and hardest["metric"] == "error_k2"
+    mine, base = (json.loads(Path(p).read_text()) for p in (t["results"]["hop-induction"],
+                                                            c["baseline_results"]["hop-induction"]))
+
+    def at_depth_2(result, value):
+        return sum(value(run["eval"]) for run in result["runs"] if run["depth"] == 2) / 3
+
+    assert compose["diff"] == pytest.approx(at_depth_2(mine, lambda e: (e["error_k1"] + e["error_k2"]) / 2)
+                                            - at_depth_2(base, lambda e: (e["error_k1"] + e["error_k2"]) / 2))
+    assert hardest["diff"] == pytest.approx(at_depth_2(mine, lambda e: e["error_k2"])
+                                            - at_depth_2(base, lambda e: e["error_k2"]))
+    md = (runs / "studies/hop-induction-compose-smoke/hop-induction-compose-smoke.md").read_text()
+    assert "error_k2: trial − baseline [95 % CI]" in md
