@@ -42,9 +42,10 @@ def test_confirmation_reruns_the_front_at_full_budget_and_compares_with_interval
 
 
 def test_compose_is_confirmed_beside_the_error_at_the_hardest_k(main, tmp_path):
-    runs = tmp_path / "runs"
+    runs, space = tmp_path / "runs", tmp_path / "space.toml"
+    space.write_text('blocks = ["residual", "highway"]\n')  # two blocks that build at depths 1, 2
     r = main("search", "--task", "hop-induction", "--objective", "compose", "--pruner", "none", "--preset", "smoke",
-             "--set", "train.steps=20", "--trials", "2", "--confirm", "3", "--runs-dir", runs)
+             "--set", "train.steps=20", "--space", space, "--trials", "2", "--confirm", "3", "--runs-dir", runs)
     assert r.returncode == 0, r.stderr
     c = json.loads((runs / "studies/hop-induction-compose-smoke/confirmation.json").read_text())
     (t,) = c["trials"]
