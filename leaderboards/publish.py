@@ -203,21 +203,22 @@ def search_table(label: str) -> str:
     records lack leaves the table unconfirmed, and says so)."""
     import tempfile
 
-    from archbench.search import open_study
+    from archbench.search import open_study, study_space
     from archbench.search.confirm import confirm, confirmation_evals
     from archbench.search.figures import write_figures
     from archbench.search.results import summary
     from archbench.search.table import study_table, write_study_table
-    from archbench.search.workers import _space
     from archbench.sweep import Sweep
 
     with tempfile.TemporaryDirectory() as scratch:
         seed(Path(scratch), SEARCH_DIR)
         spec, seeds = search_spec(label, Path(scratch))
-        spec = dataclasses.replace(spec, storage=f"journal:{journal(spec)}")
         if not journal(spec).exists():
             return f"{label}: no committed study at {journal(spec)}: run publish.py --only sweeps first"
-        space, _ = _space(spec)
+        # a copy: opening a journal study appends to the file, and the committed one stays as it is
+        shutil.copyfile(journal(spec), Path(scratch) / "study.journal")
+        spec = dataclasses.replace(spec, storage=f"journal:{Path(scratch) / 'study.journal'}")
+        space, _ = study_space(spec)
         study = open_study(spec, space)
         result = summary(study, spec)
         write_figures(study, spec, out=SEARCH_DIR / spec.study_name)  # the Pareto front, the hypervolume history

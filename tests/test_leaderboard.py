@@ -276,8 +276,10 @@ def test_a_published_search_rebuilds_its_table_from_the_committed_study_and_reco
     assert table["n_trials"] == 2 and table["confirmation"] == {"seeds": 3} and table["rows"][0]["baseline"]
     assert table["command"] == "python leaderboards/publish.py --tables tiny"
     assert (tmp_path / "search" / "teacher-student-loss-smoke" / "history.png").stat().st_size > 1000
-    shutil.rmtree(tmp_path / "runs")  # rebuilt from search/ alone: the same table
+    shutil.rmtree(tmp_path / "runs")  # rebuilt from search/ alone: the same table, the committed study untouched
+    study = (tmp_path / "search" / "teacher-student-loss-smoke.journal").read_bytes()
     publish.search_table("tiny")
+    assert (tmp_path / "search" / "teacher-student-loss-smoke.journal").read_bytes() == study
     assert json.loads((tmp_path / "search" / "teacher-student-loss-smoke.json").read_text()) == table
     for path in (tmp_path / "search" / "records").glob("*.json"):  # without the confirmation's records
         if json.loads(path.read_text())["spec"]["train"]["steps"] != 30:

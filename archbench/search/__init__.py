@@ -14,8 +14,8 @@ budget; each trial is an ``archbench eval`` depth sweep, scored by the objective
 - **Objectives.** ``alpha`` (α_ℓ, maximise), ``loss`` (held-out loss at the largest depth, minimise),
   ``depth-to-solve`` (hardest difficulty; unsolved counts as twice the largest depth tried, minimise),
   ``redundancy`` (1 − mean effect of skipping a layer on the later layers, capped at 0; minimise), and
-  two measured on a task of their own whatever ``--task`` is: ``compose`` (held-out error at the hardest
-  k on hop-induction, minimise) and ``lm-loss`` (held-out loss on lm-char, minimise). A trial runs one
+  two measured on a task of their own whatever ``--task`` is: ``compose`` (held-out hop-induction error
+  averaged over k = 1…K, minimise) and ``lm-loss`` (held-out loss on lm-char, minimise); the defaults. A trial runs one
   depth sweep per task its objectives need, each at the study's preset and sized to the baseline's
   budget on that task. Several objectives make a multi-objective study whose answer is the Pareto front.
 - **Pruning.** In a single-objective study, ``median`` has each trial report the objective on the
@@ -30,14 +30,18 @@ budget; each trial is an ``archbench eval`` depth sweep, scored by the objective
   search's configuration and refuses a different one under the same name. Rerunning the command
   continues the study up to ``--trials`` trials in all, re-queues trials cut off by an interruption
   (or, with a shared database, by a worker that died: Optuna's heartbeat), and reuses every finished
-  run record. ``--workers K`` runs K processes on one machine; many machines share a study through a
-  PostgreSQL URL.
+  run record. ``--workers K`` runs K processes on one machine, or K tasks on a Ray cluster
+  (``--ray``, ``archbench.cluster``); many machines share a study through a PostgreSQL URL.
+- **Confirmation and the table.** ``--confirm N`` re-runs the front and the baseline with N seeds at
+  the preset's budget and compares each objective with the baseline's (paired bootstrap); the study's
+  table (``table``) shows both, with the trial count.
 
 Where each part lives: ``objectives`` (what a trial is scored on), ``space`` (what a trial may draw),
 ``budget`` (the width that keeps a trial at the baseline's size), ``failures`` (a failed trial is
 data), ``study`` (the search's settings, storage, resume), ``trial`` (the objective function Optuna
 calls), ``workers`` (``run_search`` and its worker processes), ``results`` (trial rows, the best
-trials, the command that reproduces one).
+trials, the command that reproduces one), ``confirm`` (the front re-run with seeds), ``table`` (the
+published table), ``figures`` (Optuna's plots as PNG).
 """
 
 from archbench.search.budget import fit_width, measure, width_step
@@ -48,7 +52,7 @@ from archbench.search.space import Space, build_space, knob_distribution, sample
 from archbench.search.study import (SearchSpec, counted, enqueue_baseline, open_storage, open_study, requeue, resume,
                                     search_config)
 from archbench.search.trial import TrialRunner
-from archbench.search.workers import run_search
+from archbench.search.workers import run_search, study_space
 
 __all__ = [
     # objectives
@@ -62,5 +66,5 @@ __all__ = [
     # study
     "SearchSpec", "counted", "enqueue_baseline", "open_storage", "open_study", "requeue", "resume", "search_config",
     # trial, workers, results
-    "TrialRunner", "run_search", "eval_command", "summary", "trial_row",
+    "TrialRunner", "run_search", "study_space", "eval_command", "summary", "trial_row",
 ]

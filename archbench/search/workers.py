@@ -35,7 +35,7 @@ def run_search(spec: SearchSpec, console=None, on_trial: Callable | None = None)
         raise UsageError(f"--workers {spec.workers}: need at least one worker")
     if spec.baseline:
         BLOCKS.get(spec.baseline)
-    space, left_out = _space(spec)
+    space, left_out = study_space(spec)
     runner = TrialRunner(spec, space, console)  # a bad task, preset, objective or budget fails here, before any write
     study = open_study(spec, space)
     if console is not None:
@@ -54,7 +54,8 @@ def run_search(spec: SearchSpec, console=None, on_trial: Callable | None = None)
     return {**summary(study, spec), "figures": write_figures(study, spec)}
 
 
-def _space(spec: SearchSpec) -> tuple[Space, dict]:
+def study_space(spec: SearchSpec) -> tuple[Space, dict]:
+    """The study's search space, and the blocks left out of it (those that cannot be built at its depths)."""
     return only_buildable(build_space(spec.task, spec.preset, spec.sets, spec.space), spec.task, spec.preset,
                           spec.depths, spec.sets)
 
@@ -91,7 +92,7 @@ def _worker(spec: SearchSpec, share: int, index: int, threads: int = 1) -> None:
     with open(spec.study_dir / f"worker-{index}.log", "a", buffering=1) as log:
         sys.stdout = sys.stderr = log  # warnings and tracebacks go to the worker's log, not the terminal
         try:
-            space, _ = _space(spec)
+            space, _ = study_space(spec)
             _work(spec, space, share, TrialRunner(spec, space, Console(file=log, force_terminal=False, width=120)))
         except KeyboardInterrupt:  # the trial in hand is marked cut off; a rerun queues it again
             pass
