@@ -181,12 +181,7 @@ class Sweep:
         budgets: dict[tuple, list[tuple[Run, dict | None]]] = {}
         fresh = {}
         with contextlib.ExitStack() as held:
-            for run in self.runs:
-                if found[run.key] is not None or not held.enter_context(self.store.claim(run.key, wait=False)):
-                    continue
-                found[run.key] = self.store.load(run.key)
-                if found[run.key] is not None:  # finished since we looked
-                    continue
+            for run in self.claim_untrained(found, held):
                 resume = read_checkpoint(self.store.checkpoint_path(run.key), self.device)
                 budget = digest({k: v for k, v in run.config.train.items() if k != "lr"})  # lr differences group
                 budgets.setdefault((budget, checkpoint_step(resume)), []).append((run, resume))
@@ -200,6 +195,16 @@ class Sweep:
                     self.console.print(f"[dim]training one run at a time: {e}[/]")
         return fresh
 
+    def claim_untrained(self, found: dict, held: contextlib.ExitStack):
+        """The runs with no record that no other process is training, each claimed (in ``held``) for this one;
+        ``found`` is updated for those another process finished since it was read."""
+        for run in self.runs:
+            if found[run.key] is not None or not held.enter_context(self.store.claim(run.key, wait=False)):
+                continue
+            found[run.key] = self.store.load(run.key)
+            if found[run.key] is None:  # not finished since we looked
+                yield run
+
     def train_on_ray(self, found: dict, progress: Progress) -> dict[str, tuple[RunRecord, None]]:
         """Train the uncached runs as tasks on the Ray cluster at ``--ray`` (archbench.cluster), writing each
         record and its weights here as it arrives; returns {key: (record, None)}."""
@@ -211,12 +216,7 @@ class Sweep:
         cluster.connect(self.spec.ray)
         fresh = {}
         with contextlib.ExitStack() as held:
-            todo = []
-            for run in self.runs:
-                if found[run.key] is None and held.enter_context(self.store.claim(run.key, wait=False)):
-                    found[run.key] = self.store.load(run.key)  # finished since we looked?
-                    if found[run.key] is None:
-                        todo.append(run)
+            todo = list(self.claim_untrained(found, held))
             if not todo:
                 return fresh
             bar = progress.add(f"{len(todo)} runs on the Ray cluster", total=len(todo), unit="run")
