@@ -6,6 +6,10 @@ counts as a win."""
 from __future__ import annotations
 
 import json
+import multiprocessing
+import os
+from pathlib import Path
+from concurrent.futures import ProcessPoolExecutor, as_completed
 
 from archbench.compare import compare, compare_metric
 from archbench.config import EvalSpec
@@ -22,11 +26,10 @@ def confirm(spec: SearchSpec, summary: dict, seeds: int, console=None) -> dict:
     """Re-run the summary's best trials and its baseline with ``seeds`` seeds and no ``train.steps``
     override (the preset's budget); returns, and writes beside the study, each trial's objectives
     against the baseline's with the interval of the difference and a verdict."""
-    from archbench.sweep import run_eval
-
     results: dict[int, dict[str, str]] = {}
-    for number, ev in confirmation_evals(spec, summary, seeds):
-        results.setdefault(number, {})[ev.task] = run_eval(ev, console=console)["files"]["result"]
+    evals = confirmation_evals(spec, summary, seeds)
+    for (number, ev), result in zip(evals, _run_sweeps(spec, evals, console)):
+        results.setdefault(number, {})[ev.task] = result
     base = summary["baseline"]
     out = {"study": spec.study_name, "seeds": seeds, "baseline": base["number"],
            "baseline_results": results[base["number"]], "trials": []}
@@ -68,6 +71,55 @@ def confirmation_evals(spec: SearchSpec, summary: dict, seeds: int) -> list[tupl
     return out
 
 
+def _run_sweeps(spec: SearchSpec, evals: list[tuple[int, EvalSpec]], console=None) -> list[str]:
+    """Each sweep's result file. With ``--workers K`` on this machine the sweeps share K processes, as the
+    trials did (each with its share of the cores, progress in ``STUDY_DIR/confirm-TRIAL-TASK.log``); on a
+    Ray cluster, or with one worker, they run one after the other here (on Ray each sweep's runs spread
+    over the nodes)."""
+    from archbench.sweep import run_eval
+
+    workers = min(spec.workers, len(evals))
+    if workers <= 1 or spec.ray:
+        return [run_eval(ev, console=console)["files"]["result"] for _, ev in evals]
+    if console is not None:
+        console.print(f"confirmation: {len(evals)} sweeps on {workers} processes, progress in "
+                      f"{spec.study_dir}/confirm-*.log", soft_wrap=True)
+    threads = max(1, (os.cpu_count() or 1) // workers)
+    spec.study_dir.mkdir(parents=True, exist_ok=True)
+    ctx = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_sweeper,
+                             initargs=(spec.plugins, threads, os.getpid())) as pool:
+        futures = {pool.submit(_sweep, ev, spec.study_dir / f"confirm-{number}-{ev.task}.log"): (number, ev)
+                   for number, ev in evals}
+        for done, future in enumerate(as_completed(futures), 1):
+            number, ev = futures[future]
+            future.result()  # a failed sweep stops the confirmation here; finished runs stay cached
+            if console is not None:
+                console.print(f"confirmation {done}/{len(evals)}: trial {number} ({ev.block}) on {ev.task} done")
+        return [f.result() for f in futures]
+
+
+def _sweeper(plugins: list[str], threads: int, parent: int) -> None:
+    import torch
+
+    from archbench.registry import load_plugin_file
+    from archbench.search.workers import stop_with
+
+    stop_with(parent)  # no sweep trains on for a command that was killed
+    torch.set_num_threads(threads)
+    for path in plugins:
+        load_plugin_file(path)
+
+
+def _sweep(ev: EvalSpec, log_path) -> str:
+    from rich.console import Console
+
+    from archbench.sweep import run_eval
+
+    with open(log_path, "a", buffering=1) as log:
+        return run_eval(ev, console=Console(file=log, force_terminal=False, width=120))["files"]["result"]
+
+
 def _against(objective: str, spec: SearchSpec, mine: dict, base: dict, metric: str | None = None) -> dict:
     """The trial's objective (or the held-out ``metric`` of its task) minus the baseline's, with the paired
     bootstrap interval over seeds."""
@@ -90,7 +142,7 @@ def _headline(task: str, result_path: str) -> str:
     from archbench.registry import TASKS
     from archbench.sweep import make_task
 
-    result = json.loads(open(result_path).read())
+    result = json.loads(Path(result_path).read_text())
     return make_task(TASKS.get(task), result["config"]["task"], torch.device("cpu")).headline_metric()
 
 

@@ -71,7 +71,7 @@ def _work(spec: SearchSpec, space: Space, share: int, runner: TrialRunner, on_tr
 
 def _worker_main(spec: SearchSpec, share: int, index: int, parent: int) -> None:
     """One of ``--workers K`` processes on this machine (spawned, so CUDA is safe): its share of the trials."""
-    _stop_with(parent)
+    stop_with(parent)
     _worker(spec, share, index, threads=max(1, (os.cpu_count() or 1) // spec.workers))
 
 
@@ -103,7 +103,7 @@ def _worker(spec: SearchSpec, share: int, index: int, threads: int = 1) -> None:
 STOP_GRACE_S = 20.0  # after the interrupt, how long a worker whose parent is gone may take to stop
 
 
-def _stop_with(parent: int) -> None:
+def stop_with(parent: int) -> None:
     """Interrupt this worker, as Ctrl-C would, once the process that started it is gone (killed with -9, say),
     so that no worker trains on for a command nobody is running."""
     def watch():

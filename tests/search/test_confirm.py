@@ -41,13 +41,22 @@ def test_confirmation_reruns_the_front_at_full_budget_and_compares_with_interval
     assert "2 trials" in md and "loss: trial − baseline [95 % CI]" in md and "archbench search" in md
 
 
-def test_compose_is_confirmed_beside_the_error_at_the_hardest_k(main, tmp_path):
+@pytest.mark.parametrize("workers", [1, 2])
+def test_compose_is_confirmed_beside_the_error_at_the_hardest_k(main, tmp_path, workers):
     runs, space = tmp_path / "runs", tmp_path / "space.toml"
     space.write_text('blocks = ["residual", "highway"]\n')  # two blocks that build at depths 1, 2
     r = main("search", "--task", "hop-induction", "--objective", "compose", "--pruner", "none", "--preset", "smoke",
-             "--set", "train.steps=20", "--space", space, "--trials", "2", "--confirm", "3", "--runs-dir", runs)
+             "--set", "train.steps=20", "--space", space, "--trials", "2", "--confirm", "3", "--runs-dir", runs,
+             "--workers", str(workers))
     assert r.returncode == 0, r.stderr
-    c = json.loads((runs / "studies/hop-induction-compose-smoke/confirmation.json").read_text())
+    study = runs / "studies/hop-induction-compose-smoke"
+    logs = sorted(p.name for p in study.glob("confirm-*.log"))
+    if workers == 2:  # the baseline's sweep and the trial's, each in one of the two processes with its own log
+        assert "confirmation: 2 sweeps on 2 processes" in r.stderr and len(logs) == 2, (r.stderr, logs)
+        assert all("depth 2 seed 2:" in (study / name).read_text() for name in logs)  # each run's line
+    else:
+        assert logs == []
+    c = json.loads((study / "confirmation.json").read_text())
     (t,) = c["trials"]
     compose, hardest = t["objectives"]["compose"], t["also"]["compose@error_k2"]  # smoke: k <= 2
     assert compose["metric"] == "error_over_k" and hardest["metric"] == "error_k2"
