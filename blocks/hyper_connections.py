@@ -37,8 +37,12 @@ class StreamLayer(nn.Module):
 
     def forward(self, H):
         a, r, b = self.mixing(H)
-        u = self.branch(torch.einsum("...i,...id->...d", a, H))
-        return torch.einsum("...ij,...id->...jd", r, H) + b.unsqueeze(-1) * u.unsqueeze(-2)
+        # the streams are the residual: kept in fp32 under autocast, as a plain stack keeps its x
+        with torch.autocast(H.device.type, enabled=False):
+            h = torch.einsum("...i,...id->...d", a.float(), H)
+        u = self.branch(h)
+        with torch.autocast(H.device.type, enabled=False):
+            return torch.einsum("...ij,...id->...jd", r.float(), H) + b.float().unsqueeze(-1) * u.float().unsqueeze(-2)
 
 
 class HyperConnection(StreamLayer):

@@ -40,7 +40,8 @@ class DenseMix(nn.Module):
         if self.w1 is not None:
             newest = F.rms_norm(xs[-1], (xs[-1].shape[-1],))
             w = w + self.w2(F.gelu(self.w1(newest))).unflatten(-1, (self.ways, self.sources)).movedim(-2, 0)
-        return torch.einsum("sbtc,wbts->wbtc", torch.stack(xs), w)
+        with torch.autocast(xs[-1].device.type, enabled=False):  # the mixes are residual streams: fp32 under autocast
+            return torch.einsum("sbtc,wbts->wbtc", torch.stack(xs), w.to(xs[-1].dtype))
 
 
 @archbench.register_block("muddformer", family="gated",

@@ -144,7 +144,7 @@ class RecurrentDepth(Recurrent):
     def inject(self, s, e):
         if self.injection == "add":
             return s + e
-        z = self.adapter(torch.cat([s, e], dim=-1))
+        z = self.adapter(torch.cat([s, e], dim=-1)).to(s.dtype)  # the state stays fp32 under autocast
         if self.injection == "concat":
             return z
         g = torch.sigmoid(z)

@@ -1,5 +1,7 @@
 """Every registered block goes through the residual-stream protocol the day it is registered."""
 
+import warnings
+
 import pytest
 import torch
 
@@ -165,8 +167,11 @@ def test_every_block_runs_under_bf16_autocast(name):
     randomize(model)
     x = inputs()
     ref = model(x)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.autocast("cpu", dtype=torch.bfloat16), warnings.catch_warnings():
+        warnings.filterwarnings("error", "Mismatch dtype")  # a norm read a bf16 copy of an fp32 stream
         out = model(x)
     out.float().square().mean().backward()
     assert torch.isfinite(out).all() and (out.float() - ref).abs().max() < 0.1 * ref.abs().max() + 0.05
     assert all(p.grad is None or torch.isfinite(p.grad).all() for p in model.parameters())
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # the residual stream is carried in fp32, as in a plain stack
+        assert {s.dtype for s in trace(model, x).states} == {torch.float32}
