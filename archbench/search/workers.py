@@ -60,24 +60,44 @@ def study_space(spec: SearchSpec) -> tuple[Space, dict]:
                           spec.depths, spec.sets)
 
 
-def _work(spec: SearchSpec, space: Space, share: int, runner: TrialRunner, on_trial=None) -> None:
+def _work(spec: SearchSpec, space: Space, share, runner: TrialRunner, on_trial=None) -> None:
+    """Run trials while ``share`` allows: a number of trials, or a count shared with this machine's other
+    workers (``multiprocessing.Value``), from which each takes one trial at a time."""
     study = open_study(spec, space, pruner=runner.pruner())
     callbacks = [lambda s, t: on_trial(t)] if on_trial else []
-    for _ in range(share):
+    take = _taker(share)
+    while take():
         if counted(study) >= spec.trials:  # other machines on a shared database may have filled it
             break
         study.optimize(runner, n_trials=1, catch=(TrialFailed,), callbacks=callbacks)
 
 
-def _worker_main(spec: SearchSpec, share: int, index: int, parent: int) -> None:
-    """One of ``--workers K`` processes on this machine (spawned, so CUDA is safe): its share of the trials."""
+def _taker(share) -> Callable[[], bool]:
+    """Whether this worker may start one more trial, from its own share (an int) or from the count its
+    machine's workers share, so that none idles while another still has trials queued behind its own."""
+    if isinstance(share, int):
+        left = iter(range(share))
+        return lambda: next(left, None) is not None
+
+    def take() -> bool:
+        with share.get_lock():
+            if share.value <= 0:
+                return False
+            share.value -= 1
+            return True
+    return take
+
+
+def _worker_main(spec: SearchSpec, share, index: int, parent: int) -> None:
+    """One of ``--workers K`` processes on this machine (spawned, so CUDA is safe), taking trials from
+    the count they share."""
     stop_with(parent)
     _worker(spec, share, index, threads=max(1, (os.cpu_count() or 1) // spec.workers))
 
 
-def _worker(spec: SearchSpec, share: int, index: int, threads: int = 1) -> None:
-    """A worker's loop, in a process of its own here or a Ray task (archbench.cluster): ``share`` trials,
-    its output in ``STUDY_DIR/worker-INDEX.log``."""
+def _worker(spec: SearchSpec, share, index: int, threads: int = 1) -> None:
+    """A worker's loop, in a process of its own here or a Ray task (archbench.cluster): trials while
+    ``share`` allows (``_work``), its output in ``STUDY_DIR/worker-INDEX.log``."""
     import torch
 
     from archbench.registry import load_plugin_file
@@ -119,11 +139,15 @@ def stop_with(parent: int) -> None:
 
 
 def _spawn(spec: SearchSpec, remaining: int, on_trial=None) -> None:
-    """K workers split the remaining trials (exactly, so none is run twice or left over): processes on this
-    machine, or tasks on the Ray cluster at ``--ray``; this process reports each trial as it ends."""
+    """K workers run the remaining trials, exactly that many (none twice, none left over): processes on this
+    machine, taking one trial at a time from a shared count, or tasks on the Ray cluster at ``--ray``, each
+    with a fixed share; this process reports each trial as it ends."""
     spec.study_dir.mkdir(parents=True, exist_ok=True)
-    shares = [remaining // spec.workers + (i < remaining % spec.workers) for i in range(spec.workers)]
-    workers = _RayWorkers(spec, shares) if spec.ray else _LocalWorkers(spec, shares)
+    if spec.ray:
+        workers = _RayWorkers(spec, [remaining // spec.workers + (i < remaining % spec.workers)
+                                     for i in range(spec.workers)])
+    else:
+        workers = _LocalWorkers(spec, remaining)
     storage = open_storage(spec.storage_url, heartbeat=False)
     seen: set[int] = {t.number for t in optuna.load_study(study_name=spec.study_name, storage=storage)
                       .get_trials(deepcopy=False, states=_ENDED)}
@@ -148,10 +172,11 @@ def _spawn(spec: SearchSpec, remaining: int, on_trial=None) -> None:
 
 
 class _LocalWorkers:
-    def __init__(self, spec: SearchSpec, shares: list[int]):
+    def __init__(self, spec: SearchSpec, remaining: int):
         ctx = multiprocessing.get_context("spawn")
-        self.procs = [ctx.Process(target=_worker_main, args=(spec, n, i, os.getpid()), daemon=False)
-                      for i, n in enumerate(shares) if n]
+        self.left = ctx.Value("i", remaining)  # held here: the children open it after this returns
+        self.procs = [ctx.Process(target=_worker_main, args=(spec, self.left, i, os.getpid()), daemon=False)
+                      for i in range(min(spec.workers, remaining))]
         for p in self.procs:
             p.start()
 

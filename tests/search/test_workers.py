@@ -2,6 +2,7 @@
 and two invocations sharing one study through a real PostgreSQL server."""
 
 import glob
+import multiprocessing
 import os
 import pwd
 import shutil
@@ -32,6 +33,20 @@ def _check_workers(load_study, url, name, n, log):
     started = Counter(int(line.split()[2]) for line in Path(log).read_text().splitlines())
     assert sorted(started) == list(range(n)) and set(started.values()) == {1}  # none lost, none run twice
     return {t.user_attrs["worker"] for t in trials}
+
+
+def test_workers_take_trials_from_one_count_so_none_idles():
+    """This machine's workers share the remaining count: exactly that many trials in all, and a worker whose
+    trials end early takes those another would have had (a fixed split left a core idle at a study's end)."""
+    from archbench.search.workers import _taker
+
+    left = multiprocessing.get_context("spawn").Value("i", 5)
+    fast, slow = _taker(left), _taker(left)
+    assert slow()  # the slow worker takes one trial and trains it...
+    assert [fast() for _ in range(6)] == [True] * 4 + [False] * 2  # ...while the fast one takes all the rest
+    assert not slow() and left.value == 0
+    own = _taker(2)  # a Ray worker's fixed share
+    assert [own() for _ in range(3)] == [True, True, False]
 
 
 def test_concurrent_workers_lose_and_repeat_no_trial(main, tmp_path, tiny, load_study):
