@@ -8,8 +8,8 @@ from __future__ import annotations
 import json
 import multiprocessing
 import os
-from pathlib import Path
 from concurrent.futures import ProcessPoolExecutor, as_completed
+from pathlib import Path
 
 from archbench.compare import compare, compare_metric
 from archbench.config import EvalSpec
@@ -17,6 +17,7 @@ from archbench.errors import UsageError
 from archbench.records import atomic_write
 from archbench.search.objectives import OBJECTIVES, error_over_k
 from archbench.search.study import SearchSpec
+from archbench.search.workers import stop_with, threads_each
 
 # objectives a replicate interval exists for: (compare's metric, or None for α_ℓ)
 COMPARED = {"alpha": None, "loss": "loss", "lm-loss": "loss", "compose": error_over_k}
@@ -84,7 +85,7 @@ def _run_sweeps(spec: SearchSpec, evals: list[tuple[int, EvalSpec]], console=Non
     if console is not None:
         console.print(f"confirmation: {len(evals)} sweeps on {workers} processes, progress in "
                       f"{spec.study_dir}/confirm-*.log", soft_wrap=True)
-    threads = max(1, (os.cpu_count() or 1) // workers)
+    threads = threads_each(workers)
     spec.study_dir.mkdir(parents=True, exist_ok=True)
     ctx = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_sweeper,
@@ -103,7 +104,6 @@ def _sweeper(plugins: list[str], threads: int, parent: int) -> None:
     import torch
 
     from archbench.registry import load_plugin_file
-    from archbench.search.workers import stop_with
 
     stop_with(parent)  # no sweep trains on for a command that was killed
     torch.set_num_threads(threads)

@@ -92,7 +92,12 @@ def _worker_main(spec: SearchSpec, share, index: int, parent: int) -> None:
     """One of ``--workers K`` processes on this machine (spawned, so CUDA is safe), taking trials from
     the count they share."""
     stop_with(parent)
-    _worker(spec, share, index, threads=max(1, (os.cpu_count() or 1) // spec.workers))
+    _worker(spec, share, index, threads=threads_each(spec.workers))
+
+
+def threads_each(processes: int) -> int:
+    """Torch threads for each of ``processes`` training side by side on this machine: its share of the cores."""
+    return max(1, (os.cpu_count() or 1) // processes)
 
 
 def _worker(spec: SearchSpec, share, index: int, threads: int = 1) -> None:
