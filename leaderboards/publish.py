@@ -223,13 +223,17 @@ def search_table(label: str) -> str:
         result = summary(study, spec)
         write_figures(study, spec, out=SEARCH_DIR / spec.study_name)  # the Pareto front, the hypervolume history
         store = RunStore(scratch)
-        missing = [run.label for _, ev in confirmation_evals(spec, result, seeds) for run in Sweep(ev).runs
-                   if store.load(run.key) is None]
-        confirmation = None if missing else confirm(spec, result, seeds, console=Console(quiet=True))
+        evals = confirmation_evals(spec, result, seeds)
+        missing, controls_missing = ([run.label for (_, r), ev in evals if r == role for run in Sweep(ev).runs
+                                      if store.load(run.key) is None] for role in ("trial", "control"))
+        confirmation = None if missing else confirm(spec, result, seeds, console=Console(quiet=True),
+                                                    controls=not controls_missing)
         command = f"python leaderboards/publish.py --tables {label}"
         shown = dataclasses.replace(spec, runs_dir="runs", storage=None, space=SEARCHES[label].get("space"))
         files = write_study_table(study_table(shown, result, confirmation, command), SEARCH_DIR)
-    note = f" (not confirmed: {len(missing)} confirmation runs missing, e.g. {missing[0]})" if missing else ""
+    note = (f" (not confirmed: {len(missing)} confirmation runs missing, e.g. {missing[0]})" if missing else
+            f" (no controls: {len(controls_missing)} of their runs missing, e.g. {controls_missing[0]})"
+            if controls_missing else "")
     return f"{label}: {result['counted']} trials -> {files[-1]}{note}"
 
 

@@ -102,17 +102,29 @@ def confirmation_lines(c: dict) -> list[str]:
     lines = [f"confirmed with {c['seeds']} seeds against the baseline (trial {c['baseline']}), each difference "
              f"with its paired bootstrap 95 % interval:"]
     for t in c["trials"]:
-        parts = []
-        for o, v in t["objectives"].items():
-            ci = f" [{v['ci95'][0]:+.4g}, {v['ci95'][1]:+.4g}]" if v.get("ci95") else ""
-            parts.append(f"{o} {v['diff']:+.4g}{ci}: {v['verdict']}" if "diff" in v else f"{o}: {v['verdict']}")
-        lines.append(f"  trial {t['number']} {t['block']}: " + "; ".join(parts))
+        lines.append(f"  trial {t['number']} {t['block']}: " + _differences(t["objectives"]))
+        if t.get("control"):
+            knobs = ", ".join(f"{k}={v}" for k, v in t["control"]["knobs"].items())
+            lines.append(f"    against its control (the baseline block with {knobs}): "
+                         + _differences(t["control"]["objectives"]))
     if not c["trials"]:
         lines.append("  no trial besides the baseline among the best: nothing to confirm")
     wins = [t["number"] for t in c["trials"] if t["win"]]
     lines.append("beat the baseline (better on an objective beyond the noise, worse on none): "
                  + (", ".join(f"trial {n}" for n in wins) if wins else "none") + f"; details in {c['file']}")
+    controlled = [t for t in c["trials"] if t.get("control")]
+    if controlled:
+        lines.append("beat their controls too: " + (", ".join(f"trial {t['number']}" for t in controlled
+                                                             if t["control"]["win"]) or "none"))
     return lines
+
+
+def _differences(objectives: dict) -> str:
+    parts = []
+    for o, v in objectives.items():
+        ci = f" [{v['ci95'][0]:+.4g}, {v['ci95'][1]:+.4g}]" if v.get("ci95") else ""
+        parts.append(f"{o} {v['diff']:+.4g}{ci}: {v['verdict']}" if "diff" in v else f"{o}: {v['verdict']}")
+    return "; ".join(parts)
 
 
 def trial_line(t, objectives) -> str:

@@ -33,8 +33,9 @@ budget; each trial is an ``archbench eval`` depth sweep, scored by the objective
   run record. ``--workers K`` runs K processes on one machine, or K tasks on a Ray cluster
   (``--ray``, ``archbench.cluster``); many machines share a study through a PostgreSQL URL.
 - **Confirmation and the table.** ``--confirm N`` re-runs the front and the baseline with N seeds at
-  the preset's budget and compares each objective with the baseline's (paired bootstrap); the study's
-  table (``table``) shows both, with the trial count.
+  the preset's budget and compares each objective with the baseline's (paired bootstrap), and each
+  trial with its control (the baseline block with the trial's shared knobs, at the same budget); the
+  study's table (``table``) shows all of it, with the trial count.
 
 Where each part lives: ``objectives`` (what a trial is scored on), ``space`` (what a trial may draw),
 ``budget`` (the width that keeps a trial at the baseline's size), ``failures`` (a failed trial is

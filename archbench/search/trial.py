@@ -120,31 +120,41 @@ class TrialRunner:
     def _run(self, trial: optuna.Trial) -> list[dict]:
         """Sample a configuration (sampled knobs over ``--set`` ones), size it to the budget, run its
         depth sweep on each task the objectives need, and return the eval results."""
-        from archbench.config import resolve_config
         from archbench.sweep import run_eval
 
         block, sampled = sample(trial, self.space)
-        planned = []
-        for i, sw in enumerate(self.sweeps):
-            sets = self._sets(sw, sampled)
-            config = resolve_config(self._eval_spec(sw, block, sets))
-            if config.grid:
-                raise UsageError("a search trial is one depth sweep per task: --set values with commas (grids) "
-                                 "are not supported in search")
-            if sw.limit is not None:
-                width, used = fit_width(block, config, sw.max_depth, sw.task_obj, self.spec.budget, sw.limit,
-                                        ceiling=8 * sw.ref_width)
-                sets.setdefault("model", {})["width"] = width
-                trial.set_user_attr("budget" if i == 0 else f"budget:{sw.task}",
-                                    {"kind": self.spec.budget, "limit": sw.limit, "used": used, "depth": sw.max_depth})
-            planned.append((sw, sets, config))
-        evals = [{"block": block, "task": sw.task, "preset": self.spec.preset, "sets": sets} for sw, sets, _ in planned]
+        planned = self.plan(block, sampled)
+        for i, (sw, _, _, budget) in enumerate(planned):
+            if budget:
+                trial.set_user_attr("budget" if i == 0 else f"budget:{sw.task}", budget)
+        evals = [{"block": block, "task": sw.task, "preset": self.spec.preset, "sets": sets} for sw, sets, _, _ in planned]
         trial.set_user_attr("eval", {"block": block, "sets": planned[0][1]})
         trial.set_user_attr("evals", evals)
         return [run_eval(self._eval_spec(sw, block, sets), console=self.console,
                          on_run=lambda runs, task, sw=sw, seeds=config.seeds: self._report(trial, runs, task, seeds, sw),
                          on_eval=self._stepper(trial, sw, config))
-                for sw, sets, config in planned]
+                for sw, sets, config, _ in planned]
+
+    def plan(self, block: str, sampled: dict[str, dict]) -> list[tuple[Sweep, dict, object, dict | None]]:
+        """Each sweep of ``block`` with the ``sampled`` settings: its ``--set`` values, resolved config and,
+        under a budget, the width fitted to it (``sets["model"]["width"]``) with what it used."""
+        from archbench.config import resolve_config
+
+        planned = []
+        for sw in self.sweeps:
+            sets = self._sets(sw, sampled)
+            config = resolve_config(self._eval_spec(sw, block, sets))
+            if config.grid:
+                raise UsageError("a search trial is one depth sweep per task: --set values with commas (grids) "
+                                 "are not supported in search")
+            budget = None
+            if sw.limit is not None:
+                width, used = fit_width(block, config, sw.max_depth, sw.task_obj, self.spec.budget, sw.limit,
+                                        ceiling=8 * sw.ref_width)
+                sets.setdefault("model", {})["width"] = width
+                budget = {"kind": self.spec.budget, "limit": sw.limit, "used": used, "depth": sw.max_depth}
+            planned.append((sw, sets, config, budget))
+        return planned
 
     def _stepper(self, trial, sw: Sweep, config):
         """With a step pruner: at each in-training evaluation, the objective on the held-out metrics of the

@@ -51,13 +51,16 @@ def test_compose_is_confirmed_beside_the_error_at_the_hardest_k(main, tmp_path, 
     assert r.returncode == 0, r.stderr
     study = runs / "studies/hop-induction-compose-smoke"
     logs = sorted(p.name for p in study.glob("confirm-*.log"))
-    if workers == 2:  # the baseline's sweep and the trial's, each in one of the two processes with its own log
-        assert "confirmation: 2 sweeps on 2 processes" in r.stderr and len(logs) == 2, (r.stderr, logs)
-        assert all("depth 2 seed 2:" in (study / name).read_text() for name in logs)  # each run's line
-    else:
-        assert logs == []
     c = json.loads((study / "confirmation.json").read_text())
     (t,) = c["trials"]
+    if workers == 2:  # the baseline's sweep, the trial's and its control's, each with its own log
+        expected = ["confirm-0-hop-induction.log", f"confirm-{t['number']}-hop-induction.log"]
+        if "control" in t:
+            expected.append(f"confirm-{t['number']}-control-hop-induction.log")
+        assert f"confirmation: {len(expected)} sweeps on 2 processes" in r.stderr, r.stderr
+        assert logs == sorted(expected) and all("depth 2 seed 2:" in (study / name).read_text() for name in logs)
+    else:
+        assert logs == []
     compose, hardest = t["objectives"]["compose"], t["also"]["compose@error_k2"]  # smoke: k <= 2
     assert compose["metric"] == "error_over_k" and hardest["metric"] == "error_k2"
     mine, base = (json.loads(Path(p).read_text()) for p in (t["results"]["hop-induction"],
@@ -72,3 +75,59 @@ def test_compose_is_confirmed_beside_the_error_at_the_hardest_k(main, tmp_path, 
                                             - at_depth_2(base, lambda e: e["error_k2"]))
     md = (runs / "studies/hop-induction-compose-smoke/hop-induction-compose-smoke.md").read_text()
     assert "error_k2: trial − baseline [95 % CI]" in md
+
+
+def test_a_trial_is_also_confirmed_against_the_baseline_block_with_its_settings(main, tmp_path):
+    """The control: `residual` with the knobs the trial shares with it (here relu² and MLP ratio 2), its width
+    fitted to the same parameter budget; the trial minus the control says what the block itself adds."""
+    runs, space = tmp_path / "runs", tmp_path / "space.toml"
+    # nothing sampled: every trial but the baseline is this one highway configuration
+    space.write_text('blocks = ["residual", "highway"]\ndefaults = false\n[params]\n"highway.act" = "relu2"\n'
+                     '"highway.mlp_ratio" = 2\n"highway.gate" = "scalar"\n')
+    r = main("search", "--task", "hop-induction", "--objective", "compose", "--pruner", "none", "--preset", "smoke",
+             "--set", "train.steps=20", "--space", space, "--trials", "3", "--confirm", "3", "--runs-dir", runs)
+    assert r.returncode == 0, r.stderr
+    study = runs / "studies/hop-induction-compose-smoke"
+    (t,) = json.loads((study / "confirmation.json").read_text())["trials"]
+    control = t["control"]
+    assert t["block"] == "highway" and control["knobs"] == {"act": "relu2", "mlp_ratio": 2}  # not highway's gate
+    c = json.loads((study / "confirmation.json").read_text())
+    mine, ctl, base = (json.loads(Path(p).read_text()) for p in (
+        t["results"]["hop-induction"], control["results"]["hop-induction"], c["baseline_results"]["hop-induction"]))
+    cfg = ctl["config"]
+    assert ctl["block"] == "residual" and cfg["block"]["act"] == "relu2" and cfg["block"]["mlp_ratio"] == 2
+    assert cfg["train"]["steps"] == base["config"]["train"]["steps"] != 20  # the preset's full budget
+    # sized to the baseline's parameters: a narrower MLP buys a wider model, still within the budget
+    params = {name: max(run["params"] for run in res["runs"]) for name, res in (("ctl", ctl), ("base", base))}
+    assert cfg["model"]["width"] > base["config"]["model"]["width"] and params["ctl"] <= params["base"]
+
+    def compose(result_runs):
+        return sum((run["eval"]["error_k1"] + run["eval"]["error_k2"]) / 2 for run in result_runs
+                   if run["depth"] == 2) / 3
+
+    assert control["objectives"]["compose"]["diff"] == pytest.approx(compose(mine["runs"]) - compose(ctl["runs"]))
+    assert "its control" in control["objectives"]["compose"]["verdict"]
+    assert "against its control (the baseline block with act=relu2, mlp_ratio=2)" in r.stdout
+    md = (study / "hop-induction-compose-smoke.md").read_text()
+    assert "compose: trial − control [95 % CI]" in md and "against its control" in md
+    table = json.loads((study / "hop-induction-compose-smoke.json").read_text())
+    assert len(table["rows"][1]["control"]["records"]["hop-induction"]) == 2 * 3
+
+
+def test_a_sweep_two_trials_share_is_run_once(monkeypatch):
+    """Two trials' controls can be one configuration: it is trained once and both get its result."""
+    from types import SimpleNamespace
+
+    import archbench.sweep
+    from archbench.config import EvalSpec
+    from archbench.search.confirm import _run_sweeps
+
+    ran = []
+    monkeypatch.setattr(archbench.sweep, "run_eval",
+                        lambda ev, console=None: ran.append(ev.block) or {"files": {"result": f"{ev.block}.json"}})
+    same = lambda: EvalSpec(block="residual", task="lm-char", preset="quick", sets={"block": {"act": "relu2"}})  # noqa: E731
+    evals = [((0, "trial"), EvalSpec(block="residual", task="lm-char", preset="quick")), ((1, "control"), same()),
+             ((2, "trial"), EvalSpec(block="highway", task="lm-char", preset="quick")), ((3, "control"), same())]
+    assert _run_sweeps(SimpleNamespace(workers=1, ray=False), evals) == ["residual.json", "residual.json",
+                                                                         "highway.json", "residual.json"]
+    assert ran == ["residual", "residual", "highway"]  # the shared control once
