@@ -115,14 +115,30 @@ def train_one(spec, key: str, plugins: list[str]) -> tuple[dict, bytes]:
         return record.to_json(), Path(sweep.store.weights_path(key)).read_bytes()
 
 
-def search_workers(spec, shares: list[int], work) -> list:
-    """Start one Ray task per share of a search, each running ``work(spec, share, index)`` (the same loop as a
-    local worker process); returns their references, to be waited on with ``wait_workers``."""
+def search_workers(spec, workers: int, remaining: int, work) -> tuple[list, object]:
+    """Start ``workers`` Ray tasks of a search, each running ``work(spec, count, index)`` (the same loop as a
+    local worker process), which take the ``remaining`` trials one at a time from one count (an actor), so
+    that no node idles while another has trials queued; returns the tasks' references, to be waited on
+    with ``wait_workers``, and the count (held while they run)."""
     import ray
 
     connect(spec.ray)
+    count = ray.remote(num_cpus=0)(TrialCount).remote(remaining)
     remote = ray.remote(**resources(spec.device))(work)  # one CPU (or GPU) each, one torch thread
-    return [remote.remote(spec, share, index) for index, share in enumerate(shares) if share]
+    return [remote.remote(spec, count, index) for index in range(min(workers, remaining))], count
+
+
+class TrialCount:
+    """The trials a search's Ray workers have left to start (a Ray actor: one ``take`` at a time)."""
+
+    def __init__(self, left: int):
+        self.left = left
+
+    def take(self) -> bool:
+        if self.left <= 0:
+            return False
+        self.left -= 1
+        return True
 
 
 def wait_workers(refs: list, timeout: float) -> tuple[list, list[str]]:

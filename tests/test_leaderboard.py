@@ -269,9 +269,12 @@ def test_a_published_search_rebuilds_its_table_from_the_committed_study_and_reco
 
     console = Console(quiet=True)
     publish.search("tiny", tmp_path / "runs", "cpu", console)
-    assert publish.collect_search("tiny", tmp_path / "runs") == 2 * 2 + 2 * 2 * 3  # trials' runs, confirmation's
+    collected = publish.collect_search("tiny", tmp_path / "runs")
     line = publish.search_table("tiny")
     table = json.loads((tmp_path / "search" / "teacher-student-loss-smoke.json").read_text())
+    control = table["rows"][1]["control"]  # trial 1 against residual-mlp with its shared knobs, if it has any
+    # the trials' runs, the confirmation's (baseline and trial 1, 3 seeds at 2 depths) and the control's
+    assert collected == 2 * 2 + 2 * 2 * 3 + (2 * 3 if control else 0)
     assert "2 trials" in line and "not confirmed" not in line
     assert table["n_trials"] == 2 and table["confirmation"] == {"seeds": 3} and table["rows"][0]["baseline"]
     assert table["command"] == "python leaderboards/publish.py --tables tiny"
@@ -281,6 +284,12 @@ def test_a_published_search_rebuilds_its_table_from_the_committed_study_and_reco
     publish.search_table("tiny")
     assert (tmp_path / "search" / "teacher-student-loss-smoke.journal").read_bytes() == study
     assert json.loads((tmp_path / "search" / "teacher-student-loss-smoke.json").read_text()) == table
+    if control:  # without the control's records: confirmed against the baseline alone, and it says so
+        for key in control["records"]["teacher-student"]:
+            (tmp_path / "search" / "records" / f"{key}.json").unlink()
+        assert "(no controls: 6 of their runs missing" in publish.search_table("tiny")
+        shown = json.loads((tmp_path / "search" / "teacher-student-loss-smoke.json").read_text())["rows"][1]
+        assert shown["control"] is None and shown["confirmed"] == table["rows"][1]["confirmed"]
     for path in (tmp_path / "search" / "records").glob("*.json"):  # without the confirmation's records
         if json.loads(path.read_text())["spec"]["train"]["steps"] != 30:
             path.unlink()

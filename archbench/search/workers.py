@@ -73,11 +73,16 @@ def _work(spec: SearchSpec, space: Space, share, runner: TrialRunner, on_trial=N
 
 
 def _taker(share) -> Callable[[], bool]:
-    """Whether this worker may start one more trial, from its own share (an int) or from the count its
-    machine's workers share, so that none idles while another still has trials queued behind its own."""
+    """Whether this worker may start one more trial, from its own share (an int) or from the count all
+    workers share (a ``multiprocessing.Value`` on one machine, a ``cluster.TrialCount`` actor on Ray), so
+    that none idles while another still has trials queued behind its own."""
     if isinstance(share, int):
         left = iter(range(share))
         return lambda: next(left, None) is not None
+    if hasattr(share, "take"):  # a Ray actor
+        import ray
+
+        return lambda: ray.get(share.take.remote())
 
     def take() -> bool:
         with share.get_lock():
@@ -145,12 +150,11 @@ def stop_with(parent: int) -> None:
 
 def _spawn(spec: SearchSpec, remaining: int, on_trial=None) -> None:
     """K workers run the remaining trials, exactly that many (none twice, none left over): processes on this
-    machine, taking one trial at a time from a shared count, or tasks on the Ray cluster at ``--ray``, each
-    with a fixed share; this process reports each trial as it ends."""
+    machine or tasks on the Ray cluster at ``--ray``, taking one trial at a time from a count they share;
+    this process reports each trial as it ends."""
     spec.study_dir.mkdir(parents=True, exist_ok=True)
     if spec.ray:
-        workers = _RayWorkers(spec, [remaining // spec.workers + (i < remaining % spec.workers)
-                                     for i in range(spec.workers)])
+        workers = _RayWorkers(spec, remaining)
     else:
         workers = _LocalWorkers(spec, remaining)
     storage = open_storage(spec.storage_url, heartbeat=False)
@@ -198,11 +202,11 @@ class _LocalWorkers:
 
 
 class _RayWorkers:
-    def __init__(self, spec: SearchSpec, shares: list[int]):
+    def __init__(self, spec: SearchSpec, remaining: int):
         from archbench import cluster
 
         self.cluster, self.failures = cluster, []
-        self.running = cluster.search_workers(spec, shares, _worker)
+        self.running, self.count = cluster.search_workers(spec, spec.workers, remaining, _worker)
 
     def alive(self) -> bool:
         self.running, failed = self.cluster.wait_workers(self.running, timeout=0)
