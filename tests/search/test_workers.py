@@ -45,7 +45,7 @@ def test_workers_take_trials_from_one_count_so_none_idles():
     assert slow()  # the slow worker takes one trial and trains it...
     assert [fast() for _ in range(6)] == [True] * 4 + [False] * 2  # ...while the fast one takes all the rest
     assert not slow() and left.value == 0
-    own = _taker(2)  # a Ray worker's fixed share
+    own = _taker(2)  # a single worker in the command's own process counts for itself
     assert [own() for _ in range(3)] == [True, True, False]
 
 
