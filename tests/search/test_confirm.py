@@ -41,26 +41,24 @@ def test_confirmation_reruns_the_front_at_full_budget_and_compares_with_interval
     assert "2 trials" in md and "loss: trial − baseline [95 % CI]" in md and "archbench search" in md
 
 
-@pytest.mark.parametrize("workers", [1, 2])
-def test_compose_is_confirmed_beside_the_error_at_the_hardest_k(main, tmp_path, workers):
+def test_compose_is_confirmed_beside_the_error_at_the_hardest_k(main, tmp_path):
+    # two worker processes here; the other confirmation tests take the one-process path
     runs, space = tmp_path / "runs", tmp_path / "space.toml"
     space.write_text('blocks = ["residual", "highway"]\n')  # two blocks that build at depths 1, 2
     r = main("search", "--task", "hop-induction", "--objective", "compose", "--pruner", "none", "--preset", "smoke",
              "--set", "train.steps=20", "--space", space, "--trials", "2", "--confirm", "3", "--runs-dir", runs,
-             "--workers", str(workers))
+             "--workers", "2")
     assert r.returncode == 0, r.stderr
     study = runs / "studies/hop-induction-compose-smoke"
     logs = sorted(p.name for p in study.glob("confirm-*.log"))
     c = json.loads((study / "confirmation.json").read_text())
     (t,) = c["trials"]
-    if workers == 2:  # the baseline's sweep, the trial's and its control's, each with its own log
-        expected = ["confirm-0-hop-induction.log", f"confirm-{t['number']}-hop-induction.log"]
-        if "control" in t:
-            expected.append(f"confirm-{t['number']}-control-hop-induction.log")
-        assert f"confirmation: {len(expected)} sweeps on 2 processes" in r.stderr, r.stderr
-        assert logs == sorted(expected) and all("depth 2 seed 2:" in (study / name).read_text() for name in logs)
-    else:
-        assert logs == []
+    # the baseline's sweep, the trial's and its control's, each with its own log
+    expected = ["confirm-0-hop-induction.log", f"confirm-{t['number']}-hop-induction.log"]
+    if "control" in t:
+        expected.append(f"confirm-{t['number']}-control-hop-induction.log")
+    assert f"confirmation: {len(expected)} sweeps on 2 processes" in r.stderr, r.stderr
+    assert logs == sorted(expected) and all("depth 2 seed 2:" in (study / name).read_text() for name in logs)
     compose, hardest = t["objectives"]["compose"], t["also"]["compose@error_k2"]  # smoke: k <= 2
     assert compose["metric"] == "error_over_k" and hardest["metric"] == "error_k2"
     mine, base = (json.loads(Path(p).read_text()) for p in (t["results"]["hop-induction"],
@@ -85,7 +83,8 @@ def test_a_trial_is_also_confirmed_against_the_baseline_block_with_its_settings(
     space.write_text('blocks = ["residual", "highway"]\ndefaults = false\n[params]\n"highway.act" = "relu2"\n'
                      '"highway.mlp_ratio" = 2\n"highway.gate" = "scalar"\n')
     r = main("search", "--task", "hop-induction", "--objective", "compose", "--pruner", "none", "--preset", "smoke",
-             "--set", "train.steps=20", "--space", space, "--trials", "3", "--confirm", "3", "--runs-dir", runs)
+             "--set", "train.steps=20", "--depths", "2", "--space", space, "--trials", "3", "--confirm", "3",
+             "--runs-dir", runs)
     assert r.returncode == 0, r.stderr
     study = runs / "studies/hop-induction-compose-smoke"
     (t,) = json.loads((study / "confirmation.json").read_text())["trials"]
@@ -107,11 +106,12 @@ def test_a_trial_is_also_confirmed_against_the_baseline_block_with_its_settings(
 
     assert control["objectives"]["compose"]["diff"] == pytest.approx(compose(mine["runs"]) - compose(ctl["runs"]))
     assert "its control" in control["objectives"]["compose"]["verdict"]
+    assert not list(study.glob("confirm-*.log"))  # one process: the sweeps report to the terminal
     assert "against its control (the baseline block with act=relu2, mlp_ratio=2)" in r.stdout
     md = (study / "hop-induction-compose-smoke.md").read_text()
     assert "compose: trial − control [95 % CI]" in md and "against its control" in md
     table = json.loads((study / "hop-induction-compose-smoke.json").read_text())
-    assert len(table["rows"][1]["control"]["records"]["hop-induction"]) == 2 * 3
+    assert len(table["rows"][1]["control"]["records"]["hop-induction"]) == 3  # 3 seeds at depth 2
 
 
 def test_a_sweep_two_trials_share_is_run_once(monkeypatch):
