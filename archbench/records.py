@@ -298,10 +298,10 @@ class RunStore:
             return None
 
     def save(self, record: RunRecord) -> Path:
-        path = self.record_path(record.key)
-        write_json(path, record.to_json())
         if not (marker := self.dir / FORMAT_MARKER).exists():  # a new store: nothing to migrate, ever
             atomic_write_text(marker, f"{RECORD_VERSION}\n")
+        path = self.record_path(record.key)
+        write_json(path, record.to_json())
         return path
 
     def save_weights(self, key: str, state_dict: dict) -> None:

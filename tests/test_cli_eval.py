@@ -68,7 +68,8 @@ def test_interrupted_sweep_resumes(main, tmp_path):
     first = sorted(records.glob("*.json"))
     assert len(first) == 1, "the first run should have finished before the kill"
     mtime = first[0].stat().st_mtime_ns
-    assert not list(records.glob(".*.tmp")), "a killed sweep must leave no partial record"
+    # The kill may land mid-write (the next run's checkpoint): that leaves a temporary file, never a record.
+    json.loads(first[0].read_text())
 
     done = main(*args)
     assert done.returncode == 0, done.stderr
@@ -76,6 +77,7 @@ def test_interrupted_sweep_resumes(main, tmp_path):
     assert [r["cached"] for r in res["runs"]] == [True, False, False]
     assert first[0].stat().st_mtime_ns == mtime
     assert len(list(records.glob("*.json"))) == 3
+    assert not list(records.glob(".*.tmp")), "the killed writer's temporary files are cleared on resume"
 
 
 def readme_example() -> str:
