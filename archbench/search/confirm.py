@@ -131,15 +131,14 @@ def _run_sweeps(spec: SearchSpec, evals: list[tuple[tuple[int, str], EvalSpec]],
     or with one worker, they run one after the other here (on Ray each sweep's runs spread over the nodes)."""
     from archbench.sweep import run_eval
 
-    key = lambda ev: json.dumps(dataclasses.asdict(ev), sort_keys=True, default=str)  # noqa: E731
     first: dict[str, tuple] = {}
     for label, ev in evals:
-        first.setdefault(key(ev), (label, ev))
+        first.setdefault(_sweep_key(ev), (label, ev))
     distinct = list(first.items())
     workers = min(spec.workers, len(distinct))
     if workers <= 1 or spec.ray:
         files = {k: run_eval(ev, console=console)["files"]["result"] for k, (_, ev) in distinct}
-        return [files[key(ev)] for _, ev in evals]
+        return [files[_sweep_key(ev)] for _, ev in evals]
     if console is not None:
         console.print(f"confirmation: {len(distinct)} sweeps on {workers} processes, progress in "
                       f"{spec.study_dir}/confirm-*.log", soft_wrap=True)
@@ -156,7 +155,11 @@ def _run_sweeps(spec: SearchSpec, evals: list[tuple[tuple[int, str], EvalSpec]],
             files[k] = future.result()  # a failed sweep stops the confirmation here; finished runs stay cached
             if console is not None:
                 console.print(f"confirmation {done}/{len(distinct)}: {_name(label, ' ')} ({ev.block}) on {ev.task} done")
-        return [files[key(ev)] for _, ev in evals]
+        return [files[_sweep_key(ev)] for _, ev in evals]
+
+
+def _sweep_key(ev: EvalSpec) -> str:
+    return json.dumps(dataclasses.asdict(ev), sort_keys=True, default=str)
 
 
 def _name(label: tuple[int, str], sep: str = "-") -> str:
