@@ -17,7 +17,8 @@ a sequence (it is an attention sink in LLMs). Per skipped layer s:
   counted from 0; the last layer has no later layers). ``skip_centre_relative`` divides by L − 1.
   A token mean at the skipped positions: not paper 2's depth score.
 - ``depth_score``, as the authors compute it: per sequence (prompt), up to ``cut_points`` cuts t
-  drawn from {8, 16, …} < T − 4; skip s at positions 1 … t − 1 only and take, for every later layer
+  drawn from {8, 16, …} < T − 4 (one seeded Python ``random`` shuffle per prompt, in order, as the
+  authors draw them, so the same windows get the same cuts); skip s at positions 1 … t − 1 only and take, for every later layer
   j, the maximum over positions ≥ t of ‖c_j − c̃_j‖/‖c_j‖; the maximum over the cuts gives the
   prompt's s × j matrix. Over prompts it is averaged (``later_mean``; ``value``) or maximised
   (``later_max``; ``value_max``); e_s is the row's sum over j > s divided by the L − 1 − s later
@@ -28,6 +29,7 @@ a sequence (it is an attention sink in LLMs). Per skipped layer s:
 
 from __future__ import annotations
 
+import random
 from pathlib import Path
 from typing import Annotated
 
@@ -49,8 +51,8 @@ OUTPUT = ("output_l2", "output_kl", "top1_flip", "loss_increase")
 
 
 # 2: effect_on_later, depth_score renamed skip_effect, skip_centre; 3: halves of output_l2_max, the
-# authors' depth_score
-@archbench.register_evaluator("skip-sensitivity", family="skipping", version=3,
+# authors' depth_score; 4: depth_score's cuts drawn per prompt (were per batch)
+@archbench.register_evaluator("skip-sensitivity", family="skipping", version=4,
                               citation="Csordás, Manning, Potts 2025 (arXiv 2505.13898)")
 class SkipSensitivity(Evaluator):
     """Skip each effective layer (or its attention or MLP) and measure later layers and the output."""
@@ -76,14 +78,14 @@ class SkipSensitivity(Evaluator):
         sums = Sums()
         variants: list[str] = []
         batches = token_batches(task, self.max_tokens, self.batch_tokens)
-        rng = np.random.default_rng(self.cut_seed)
+        rng = random.Random(self.cut_seed)
         per_prompt: list[tuple[torch.Tensor, torch.Tensor]] = []  # (later (L, L, B), output (L, B)) per batch
         for b, (x, y) in enumerate(batches):
             clean = trace(model, x)
             T = clean.states[0].shape[1]
-            cuts = [int(t) for t in rng.permutation(np.arange(8, T - 4, 8))[:self.cut_points]]
-            if cuts:
-                per_prompt.append(self._future_max(model, x, clean, cuts))
+            cuts = [draw_cuts(rng, T, self.cut_points) for _ in range(x.shape[0])]
+            if any(cuts):
+                per_prompt.append(future_max(model, x, clean, cuts))
             variants = ["layer"]
             if self.sublayers and clean.sublayers:
                 variants += [v for v, tap in (("attn", "attn_out"), ("mlp", "mlp_out"))
@@ -123,32 +125,6 @@ class SkipSensitivity(Evaluator):
                                "skip_effect": halves(e[1:])}  # e stops before the last layer
         out["depth_score"] = depth_score(per_prompt) if per_prompt else None
         return out
-
-    def _future_max(self, model, x, clean, cuts: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per prompt, the maximum over ``cuts`` (and over positions from the cut on) of each later layer's
-        relative change when s is skipped before the cut: (L, L, B); and of ‖p − p̃‖₂: (L, B)."""
-        states = clean.states
-        (B, T), L = states[0].shape[:2], len(states) - 1
-        later = torch.zeros(L, L, B, dtype=torch.float64)
-        output = torch.zeros(L, B, dtype=torch.float64)
-        pos = torch.arange(T, device=states[0].device).view(1, T, 1)
-        ref = clean.logits.float().softmax(-1)
-        for t in cuts:
-            skip_at = (pos >= 1) & (pos < t)  # the first token is never skipped
-            for s in range(L):
-                def on_layer(l, h_in, h_out, s=s, t=t, skip_at=skip_at):
-                    if l == s:
-                        return torch.where(skip_at, h_in, h_out)
-                    if l > s:
-                        c, c_new = (states[l + 1] - states[l])[:, t:], (h_out - h_in)[:, t:]
-                        change = (c - c_new).norm(dim=-1) / c.norm(dim=-1).clamp_min(1e-6)  # (B, T - t)
-                        later[s, l] = torch.maximum(later[s, l], change.amax(-1).double().cpu())
-                    return h_out
-
-                logits = run(model, x, on_layer, start=s, h_start=states[s])
-                moved = (logits[:, t:].float().softmax(-1) - ref[:, t:]).norm(dim=-1).amax(-1)
-                output[s] = torch.maximum(output[s], moved.double().cpu())
-        return later, output
 
     def _skip(self, model, task, x, y, clean, s, variant, sums: Sums):
         states = clean.states
@@ -215,6 +191,54 @@ class SkipSensitivity(Evaluator):
                 ax[2].axvline(res["skip_centre"], color="k", ls=":", label=f"skip centre {res['skip_centre']:.2f}")
             style_axes(ax[2], "skipped layer s", "mean ‖Δc_j‖/‖c_j‖", "effect on later layers")
         return True
+
+
+def draw_cuts(rng: random.Random, T: int, n: int) -> list[int]:
+    """One prompt's cut points: the first ``n`` of {8, 16, …} < T − 4 after a shuffle by ``rng`` (the
+    authors' draw: ``random.seed(123)`` once, then one shuffle per prompt)."""
+    candidates = list(range(8, T - 4, 8))
+    rng.shuffle(candidates)
+    return candidates[:n]
+
+
+def future_max(model, x, clean, cuts: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per prompt b, the maximum over its ``cuts[b]`` (and over positions from the cut on) of each later
+    layer's relative change when s is skipped before the cut: (L, L, B); and of ‖p − p̃‖₂: (L, B).
+    Each cut runs once, on the prompts that drew it."""
+    (B, T), L = clean.states[0].shape[:2], len(clean.states) - 1
+    later = torch.zeros(L, L, B, dtype=torch.float64)
+    output = torch.zeros(L, B, dtype=torch.float64)
+    pos = torch.arange(T, device=x.device).view(1, T, 1)
+    for t in sorted({t for row in cuts for t in row}):
+        rows = [b for b in range(B) if t in cuts[b]]
+        at_t = _future_at(model, x[rows], [h[rows] for h in clean.states], clean.logits[rows], pos, t)
+        later[..., rows] = torch.maximum(later[..., rows], at_t[0])
+        output[:, rows] = torch.maximum(output[:, rows], at_t[1])
+    return later, output
+
+
+
+def _future_at(model, x, states, logits, pos, t: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """One cut t for every prompt of ``x``: skip each s at positions 1 … t − 1 and take the maximum over
+    positions ≥ t of each later layer's relative change, (L, L, B), and of ‖p − p̃‖₂, (L, B)."""
+    L, B = len(states) - 1, x.shape[0]
+    later = torch.zeros(L, L, B, dtype=torch.float64)
+    output = torch.zeros(L, B, dtype=torch.float64)
+    skip_at = (pos >= 1) & (pos < t)  # the first token is never skipped
+    ref = logits[:, t:].float().softmax(-1)
+    for s in range(L):
+        def on_layer(l, h_in, h_out, s=s):
+            if l == s:
+                return torch.where(skip_at, h_in, h_out)
+            if l > s:
+                c, c_new = (states[l + 1] - states[l])[:, t:], (h_out - h_in)[:, t:]
+                change = (c - c_new).norm(dim=-1) / c.norm(dim=-1).clamp_min(1e-6)  # (B, T - t)
+                later[s, l] = change.amax(-1).double().cpu()
+            return h_out
+
+        moved = run(model, x, on_layer, start=s, h_start=states[s])[:, t:].float().softmax(-1) - ref
+        output[s] = moved.norm(dim=-1).amax(-1).double().cpu()
+    return later, output
 
 
 def depth_score(per_prompt: list[tuple[torch.Tensor, torch.Tensor]]) -> dict:

@@ -332,7 +332,7 @@ def test_angular_distance_per_token():
 
 
 def test_depth_score_as_paper_2_computes_it():
-    from archbench.evaluators.skip_sensitivity import depth_score
+    from archbench.evaluators.skip_sensitivity import depth_score, future_max
 
     # e_0 = (1 + 1) / 2 later layers, e_1 = 0.5 / 1: the score is (0·1 + 1·0.5) / 1.5
     m = torch.zeros(3, 3, 1, dtype=torch.float64)
@@ -350,8 +350,34 @@ def test_depth_score_as_paper_2_computes_it():
         for p in model.effective_layers()[1].parameters():
             p.zero_()
     x = torch.randint(0, 11, (2, 24))
-    later, output = SkipSensitivity()._future_max(model, x, trace(model, x), [8, 16])
+    later, output = future_max(model, x, trace(model, x), [[8, 16], [8, 16]])
     assert later.shape == (3, 3, 2) and output.shape == (3, 2)
     assert torch.all(later[1] == 0) and torch.all(output[1] == 0)
     assert torch.all(torch.triu(later.permute(2, 0, 1), diagonal=1).permute(1, 2, 0) == later)  # only j > s
     assert torch.all(later[0, 2] > 0) and torch.all(output[0] > 0)
+
+
+def test_depth_score_cuts_are_drawn_per_prompt_as_the_authors_draw_them():
+    import random
+
+    from archbench.evaluators.skip_sensitivity import draw_cuts, future_max
+
+    # the authors' draw on 64-token windows: random.seed(123) once, then one shuffle of {8, …, 56} per prompt
+    rng = random.Random(123)
+    assert [draw_cuts(rng, 64, 4) for _ in range(3)] == [[48, 40, 16, 32], [40, 48, 16, 24], [48, 8, 32, 40]]
+    assert draw_cuts(random.Random(0), 12, 4) == []  # no cut fits before T − 4
+    # prompts with different cuts in one batch get exactly what each gets alone
+    torch.manual_seed(0)
+    model = build_model(BLOCKS.get("residual").obj, {}, 3, InputSpec("tokens", size=11, out_dim=11, seq_len=24), 16)
+    x = torch.randint(0, 11, (2, 24))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape) * 0.3)
+        later, output = future_max(model, x, trace(model, x), [[8], [16, 8]])
+        for b, cuts in enumerate([[8], [16, 8]]):
+            alone = future_max(model, x[b:b + 1], trace(model, x[b:b + 1]), [cuts])
+            assert torch.allclose(later[..., b:b + 1], alone[0], rtol=1e-5, atol=1e-7)
+            assert torch.allclose(output[:, b:b + 1], alone[1], rtol=1e-5, atol=1e-7)
+        only_8 = future_max(model, x, trace(model, x), [[8], [8]])
+    assert not torch.equal(later[..., 1], only_8[0][..., 1])  # prompt 1's cut at 16 counts
+    assert torch.equal(later[..., 0], only_8[0][..., 0])
