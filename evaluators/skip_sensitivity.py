@@ -18,13 +18,14 @@ a sequence (it is an attention sink in LLMs). Per skipped layer s:
   A token mean at the skipped positions: not paper 2's depth score.
 - ``depth_score``, as the authors compute it: per sequence (prompt), up to ``cut_points`` cuts t
   drawn from {8, 16, …} < T − 4 (one seeded Python ``random`` shuffle per prompt, in order, as the
-  authors draw them, so the same windows get the same cuts); skip s at positions 1 … t − 1 only and take, for every later layer
-  j, the maximum over positions ≥ t of ‖c_j − c̃_j‖/‖c_j‖; the maximum over the cuts gives the
-  prompt's s × j matrix. Over prompts it is averaged (``later_mean``; ``value``) or maximised
-  (``later_max``; ``value_max``); e_s is the row's sum over j > s divided by the L − 1 − s later
-  layers, and the score is Σ s·e_s / Σ e_s (``relative``: divided by L − 1). The effect is
-  measured at every position from the cut on, as the authors' generic script does; on their
-  question data sets they read the answer positions. Sequences shorter than 13 tokens have no cut.
+  authors draw them, so the same windows get the same cuts); skip s at positions 1 … t − 1 only
+  and take, for every later layer j, the maximum over positions ≥ t of ‖c_j − c̃_j‖/‖c_j‖; the
+  maximum over the cuts gives the prompt's s × j matrix. Over prompts it is averaged
+  (``later_mean``; ``value``) or maximised (``later_max``; ``value_max``); e_s is the row's sum
+  over j > s divided by the L − 1 − s later layers, and the score is Σ s·e_s / Σ e_s
+  (``relative``: divided by L − 1). The effect is measured at every position from the cut on, as
+  the authors' generic script does; on their question data sets they read the answer positions.
+  Sequences shorter than 13 tokens have no cut.
 """
 
 from __future__ import annotations
@@ -215,7 +216,6 @@ def future_max(model, x, clean, cuts: list[list[int]]) -> tuple[torch.Tensor, to
         later[..., rows] = torch.maximum(later[..., rows], at_t[0])
         output[:, rows] = torch.maximum(output[:, rows], at_t[1])
     return later, output
-
 
 
 def _future_at(model, x, states, logits, pos, t: int) -> tuple[torch.Tensor, torch.Tensor]:
