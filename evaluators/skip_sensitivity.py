@@ -206,24 +206,25 @@ def future_max(model, x, clean, cuts: list[list[int]]) -> tuple[torch.Tensor, to
     """Per prompt b, the maximum over its ``cuts[b]`` (and over positions from the cut on) of each later
     layer's relative change when s is skipped before the cut: (L, L, B); and of ‖p − p̃‖₂: (L, B).
     Each cut runs once, on the prompts that drew it."""
-    (B, T), L = clean.states[0].shape[:2], len(clean.states) - 1
+    B, L = x.shape[0], len(clean.states) - 1
     later = torch.zeros(L, L, B, dtype=torch.float64)
     output = torch.zeros(L, B, dtype=torch.float64)
-    pos = torch.arange(T, device=x.device).view(1, T, 1)
     for t in sorted({t for row in cuts for t in row}):
         rows = [b for b in range(B) if t in cuts[b]]
-        at_t = _future_at(model, x[rows], [h[rows] for h in clean.states], clean.logits[rows], pos, t)
+        at_t = _future_at(model, x[rows], [h[rows] for h in clean.states], clean.logits[rows], t)
         later[..., rows] = torch.maximum(later[..., rows], at_t[0])
         output[:, rows] = torch.maximum(output[:, rows], at_t[1])
     return later, output
 
 
-def _future_at(model, x, states, logits, pos, t: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _future_at(model, x, states, logits, t: int) -> tuple[torch.Tensor, torch.Tensor]:
     """One cut t for every prompt of ``x``: skip each s at positions 1 … t − 1 and take the maximum over
-    positions ≥ t of each later layer's relative change, (L, L, B), and of ‖p − p̃‖₂, (L, B)."""
-    L, B = len(states) - 1, x.shape[0]
-    later = torch.zeros(L, L, B, dtype=torch.float64)
-    output = torch.zeros(L, B, dtype=torch.float64)
+    positions ≥ t of each later layer's relative change, (L, L, B), and of ‖p − p̃‖₂, (L, B), on the CPU."""
+    (B, T), L = states[0].shape[:2], len(states) - 1
+    # kept on x's device until the end: one transfer per cut, not one per layer pair
+    later = torch.zeros(L, L, B, dtype=torch.float64, device=x.device)
+    output = torch.zeros(L, B, dtype=torch.float64, device=x.device)
+    pos = torch.arange(T, device=x.device).view(1, T, 1)
     skip_at = (pos >= 1) & (pos < t)  # the first token is never skipped
     ref = logits[:, t:].float().softmax(-1)
     for s in range(L):
@@ -233,12 +234,12 @@ def _future_at(model, x, states, logits, pos, t: int) -> tuple[torch.Tensor, tor
             if l > s:
                 c, c_new = (states[l + 1] - states[l])[:, t:], (h_out - h_in)[:, t:]
                 change = (c - c_new).norm(dim=-1) / c.norm(dim=-1).clamp_min(1e-6)  # (B, T - t)
-                later[s, l] = change.amax(-1).double().cpu()
+                later[s, l] = change.amax(-1)
             return h_out
 
         moved = run(model, x, on_layer, start=s, h_start=states[s])[:, t:].float().softmax(-1) - ref
-        output[s] = moved.norm(dim=-1).amax(-1).double().cpu()
-    return later, output
+        output[s] = moved.norm(dim=-1).amax(-1)
+    return later.cpu(), output.cpu()
 
 
 def depth_score(per_prompt: list[tuple[torch.Tensor, torch.Tensor]]) -> dict:
